@@ -1,0 +1,35 @@
+# hf_specvol: `make run` (the main job) and `make test` (the test suite), from a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch: the CPU wheel pinned here on machines without an NVIDIA driver; otherwise pip's default build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+
+.PHONY: setup run test test-all bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup  ## the main job: train_majority.py with its defaults (~3 min on 2 CPU cores)
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/train_majority.py $(ARGS)
+
+test: setup  ## the fast test suite (CI)
+	$(PY) -m pytest -q
+
+test-all: setup  ## fast and slow tests
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+lint: setup
+	$(VENV)/bin/ruff check hf_specvol data_builders recipes tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs *.egg-info

@@ -1,0 +1,95 @@
+"""Build the causal LM a recipe trains: a small model from scratch by type, or any HF causal LM by path."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train.
+
+    Args:
+        model_type (`str`, *optional*, defaults to `"gpt2"`): any HF causal-LM type, built from scratch
+            with the sizes below (ignored when `model_name_or_path` is set).
+        model_name_or_path (`str`, *optional*): a local directory or Hub id of a causal LM to start from.
+        hidden_size, num_layers, num_heads, intermediate_size: sizes of a model built from scratch
+            (`intermediate_size` defaults to 4 x hidden_size).
+        model_dropout (`float`, *optional*): dropout rate for every dropout of a model built from scratch
+            (GPT-2: resid/embd/attn); `None` keeps the architecture's default.
+        trust_remote_code (`bool`, defaults to `False`): allow custom modeling code from the Hub.
+    """
+
+    model_type: str = field(default="gpt2", metadata={"help": "HF causal-LM type built from scratch."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Local dir or Hub id of a causal LM."})
+    hidden_size: int = field(default=64, metadata={"help": "Width of a model built from scratch."})
+    num_layers: int = field(default=2, metadata={"help": "Number of blocks of a model built from scratch."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads of a model built from scratch."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4 x hidden)."})
+    model_dropout: float | None = field(default=None, metadata={"help": "Dropout rate (None: architecture default)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+
+    def __post_init__(self):
+        if self.model_name_or_path is None and self.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"model_type={self.model_type!r} is not a causal-LM type of transformers; use one of "
+                             "gpt2, llama, qwen2, mistral, gemma, gpt_neox, opt, falcon, bloom, phi3, mixtral, ...")
+        for name in ("hidden_size", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
+        if self.model_dropout is not None and not 0 <= self.model_dropout < 1:
+            raise ValueError(f"model_dropout={self.model_dropout} must be in [0, 1).")
+
+
+_DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout",
+                 "dropout", "activation_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def load_tokenizer(model_args: ModelArguments, default_tokenizer):
+    """The tokenizer saved with a pretrained model, or `default_tokenizer` for a model from scratch."""
+    if model_args.model_name_or_path is None:
+        return default_tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                             trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"No tokenizer could be loaded from model_name_or_path={model_args.model_name_or_path!r} "
+                         f"({err}); save the tokenizer next to the model.") from err
+
+
+def build_causal_lm(model_args: ModelArguments, tokenizer, max_length: int):
+    """A causal LM for sequences of `max_length` tokens of `tokenizer`'s vocabulary."""
+    if model_args.model_name_or_path is not None:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=model_args.trust_remote_code)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"{model_args.model_name_or_path!r} is a {config.model_type!r} model, not a causal LM; "
+                             "pass a model that AutoModelForCausalLM can load.")
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
+                                                    trust_remote_code=model_args.trust_remote_code)
+    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config = AutoConfig.for_model(
+        model_args.model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_layers,
+        num_attention_heads=model_args.num_heads,
+        num_key_value_heads=model_args.num_heads,
+        intermediate_size=model_args.intermediate_size or 4 * model_args.hidden_size,
+        max_position_embeddings=max(max_length, 8),
+        n_positions=max(max_length, 8),
+        tie_word_embeddings=True,
+        **{k: v for k, v in special.items() if v is not None},
+    )
+    if model_args.model_dropout is not None:
+        for key in _DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, model_args.model_dropout)
+    return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,174 @@
+"""`SpectralVolumeTrainer`: the HF `Trainer` plus lambda_t * spectral volume penalty.
+
+The penalty (`spectral.spectral_penalty`) is added once per optimizer step, on the micro-batch
+where gradients synchronise, and scaled so that gradient accumulation and data parallelism give
+the update of one big batch:
+
+* `Trainer.training_step` divides the loss by the accumulation steps unless it counts as already
+  scaled (`loss_is_scaled_for_ga`, or the model normalised by `num_items_in_batch`). Added once on
+  the sync micro-batch, the penalty therefore needs factor 1 on the scaled path and
+  `current_gradient_accumulation_steps` on the unscaled one.
+* Under DDP every rank adds the same penalty and DDP averages identical gradients: no world-size
+  factor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from .callbacks import ProbeSet, RankTrackingCallback
+from .config import SpectralVolumeConfig
+from .spectral import spectral_penalty, weight_matrices
+
+logger = logging.getLogger(__name__)
+
+_NOT_MODEL_INPUTS = {"labels", "label", "attention_mask"}
+
+
+def build_probe(model, dataset, size: int, seed: int, answer_ids: tuple[int, int] | None) -> ProbeSet:
+    """Draw the fixed NTK probe set: `size` examples of `dataset` chosen with `seed`.
+
+    Model inputs are the dataset columns that `model.forward` accepts (labels and attention mask
+    excluded: probes are fixed-length). Targets come from the `label` column. For a causal LM the
+    answer position is the one before the single label that is not -100.
+    """
+    if "label" not in dataset.column_names:
+        raise ValueError("The NTK probe needs a 0/1 `label` column in the evaluation dataset "
+                         "(the data_builders datasets have one); or set track_ranks=False.")
+    accepted = set(inspect.signature(model.forward).parameters)
+    columns = [c for c in dataset.column_names if c in accepted and c not in _NOT_MODEL_INPUTS]
+    if not columns:
+        raise ValueError(f"No column of the evaluation dataset ({dataset.column_names}) is an input of "
+                         f"{type(model).__name__}.forward; tokenize the dataset first.")
+    rng = np.random.default_rng(seed)
+    rows = dataset.select(np.sort(rng.choice(len(dataset), size=min(size, len(dataset)), replace=False)))
+    inputs = {c: torch.as_tensor(np.asarray(rows[c])) for c in columns}
+    labels = torch.as_tensor(np.asarray(rows["label"]), dtype=torch.float64)
+    answer_position = None
+    if answer_ids is not None:
+        positions = np.argmax(np.asarray(rows["labels"]) != -100, axis=-1)
+        if len(set(positions.tolist())) != 1:
+            raise ValueError("NTK probes must share one answer position: use fixed-length prompts.")
+        answer_position = int(positions[0]) - 1
+    return ProbeSet(inputs, labels, answer_position, answer_ids)
+
+
+class SpectralVolumeTrainer(Trainer):
+    """`Trainer` whose training loss is task loss + lambda_t * P(theta).
+
+    Args:
+        model, args, ...: as for `Trainer`; `args` must be a `SpectralVolumeConfig`.
+        answer_ids (`tuple[int, int]`, *optional*): token ids of the answers "0" and "1" for a causal
+            LM (see `data_builders.answer_token_ids`); needed for the NTK probe of a causal LM.
+            Leave `None` for a classifier with (batch, 2) logits.
+
+    Example:
+        ```python
+        args = SpectralVolumeConfig(output_dir="out", spectral_volume_coef=0.1, num_train_epochs=10)
+        trainer = SpectralVolumeTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                                        processing_class=tokenizer, answer_ids=answer_token_ids(tokenizer))
+        trainer.train()
+        ```
+    """
+
+    def __init__(self, model=None, args: SpectralVolumeConfig | None = None, *trainer_args,
+                 answer_ids: tuple[int, int] | None = None, **trainer_kwargs):
+        if not isinstance(args, SpectralVolumeConfig):
+            raise TypeError(f"SpectralVolumeTrainer needs args=SpectralVolumeConfig(...), got {type(args).__name__}; "
+                            "SpectralVolumeConfig accepts every TrainingArguments field.")
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.answer_ids = answer_ids
+        self._metrics = defaultdict(list)
+        if not any(isinstance(cb, RankTrackingCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(RankTrackingCallback())
+        if args.spectral_volume_coef > 0 and not weight_matrices(self.model, args.spectral_include,
+                                                                  args.spectral_exclude):
+            raise ValueError(f"{type(self.model).__name__} has no weight matrix in scope for the penalty; "
+                             "check spectral_include / spectral_exclude.")
+
+    @property
+    def tracker(self) -> RankTrackingCallback:
+        # looked up each time: a resume replaces the callback instance
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RankTrackingCallback))
+
+    # --- schedule and probe ------------------------------------------------------------------------
+    def _steps_per_epoch(self) -> int:
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:
+            raise ValueError("spectral_expansion_epochs needs a training dataset with a length (a map-style "
+                             "Dataset); for a streaming dataset set max_steps and num_train_epochs.") from None
+        return max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+
+    def _attach_tracker(self) -> None:
+        """Give the (possibly freshly restored) tracker its probe set and schedule lengths."""
+        args = self.args
+        steps_per_epoch = self._steps_per_epoch()
+        total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        expansion_steps = round(args.spectral_expansion_epochs * steps_per_epoch)
+        if args.spectral_volume_coef > 0 and expansion_steps > total_steps:
+            raise ValueError(f"spectral_expansion_epochs={args.spectral_expansion_epochs} ({expansion_steps} steps) "
+                             f"is longer than training ({total_steps} steps); shorten it or train longer.")
+        probe = None
+        if args.track_ranks:
+            if self.eval_dataset is None:
+                raise ValueError("The rank/NTK tracker draws its probe from eval_dataset: pass one, "
+                                 "or set track_ranks=False.")
+            probe = build_probe(self.model, self.eval_dataset, args.ntk_probe_size, args.seed, self.answer_ids)
+            probe.inputs = {k: v.to(self.args.device) for k, v in probe.inputs.items()}
+        self.tracker.attach(probe, expansion_steps, round(args.spectral_decay_epochs * steps_per_epoch))
+
+    def train(self, *args, **kwargs):
+        self._attach_tracker()
+        return super().train(*args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        probe, expansion, decay = self.tracker.probe, self.tracker.expansion_steps, self.tracker.decay_steps
+        super()._load_callback_state()
+        self.tracker.attach(probe, expansion, decay)
+
+    # --- the loss ------------------------------------------------------------------------------------
+    def _penalty_scale(self, num_items_in_batch) -> float:
+        """1 if `training_step` will not divide the loss by the accumulation steps, else that count."""
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
+        return 1.0 if scaled else float(self.current_gradient_accumulation_steps)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.accelerator.sync_gradients:
+            lam = self.tracker.lambda_at(self.state.global_step)
+            self._metrics["spectral/lambda"].append(lam)
+            if lam > 0:
+                matrices = weight_matrices(self.model, self.args.spectral_include, self.args.spectral_exclude)
+                penalty = spectral_penalty(matrices, eps=self.args.spectral_eps)
+                if torch.isfinite(penalty):
+                    loss = loss + (lam * self._penalty_scale(num_items_in_batch)) * penalty.to(loss.dtype)
+                    self._metrics["spectral/penalty"].append(penalty.detach())  # no device sync here
+                    self._metrics["spectral/skipped"].append(0.0)
+                else:
+                    logger.warning("Spectral volume penalty is %s at step %d; skipped for this step.",
+                                   penalty.item(), self.state.global_step)
+                    self._metrics["spectral/skipped"].append(1.0)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: merge the averaged step metrics
+            for key, values in self._metrics.items():
+                if key == "spectral/skipped":
+                    logs[key] = float(sum(values))
+                elif values:
+                    logs[key] = sum(float(v) for v in values) / len(values)
+            self._metrics.clear()
+        logs.update(self.tracker.pop_logs())
+        super().log(logs, start_time)

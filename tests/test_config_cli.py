@@ -1,0 +1,75 @@
+"""SpectralVolumeConfig validation and the recipe parser's YAML rules."""
+
+import pytest
+import yaml
+
+from hf_specvol.cli import RecipeParser
+from hf_specvol.config import SpectralVolumeConfig
+from hf_specvol.models import ModelArguments
+from hf_specvol.pipeline import BooleanTaskArguments
+
+
+@pytest.mark.parametrize("field, value", [
+    ("spectral_volume_coef", -0.1),
+    ("spectral_schedule", "cosine"),
+    ("spectral_expansion_epochs", 20.0),  # longer than num_train_epochs=3
+    ("ntk_probe_size", 0),
+    ("ntk_interval_steps", -1),
+    ("ntk_lambda_growth", 0.5),
+    ("spectral_eps", 0.0),
+    ("rank_snapshot_epochs", [0]),
+])
+def test_bad_values_name_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        SpectralVolumeConfig(output_dir=str(tmp_path / "out"), num_train_epochs=3, **{field: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_defaults(tmp_path):
+    args = SpectralVolumeConfig(output_dir=str(tmp_path), num_train_epochs=10)
+    assert args.rank_snapshot_epochs == [10]
+    assert args.restore_callback_states_from_checkpoint is True
+    assert args.spectral_schedule == "fixed"
+
+
+def _parser():
+    return RecipeParser((BooleanTaskArguments, ModelArguments, SpectralVolumeConfig))
+
+
+def test_yaml_defaults_and_cli_wins(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"n_bits": 12, "k": 3, "hidden_size": 32, "num_train_epochs": 4,
+                                      "spectral_volume_coef": 0.3, "output_dir": str(tmp_path / "o"),
+                                      "rank_snapshot_epochs": [2, 4]}))
+    task, model, train = _parser().parse_args_and_config(["--config", str(config), "--k", "5",
+                                                          "--spectral_volume_coef", "0.05"])
+    assert (task.n_bits, task.k, model.hidden_size) == (12, 5, 32)
+    assert train.spectral_volume_coef == 0.05 and train.num_train_epochs == 4
+    assert train.rank_snapshot_epochs == [2, 4]
+
+
+def test_unknown_yaml_key_fails(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("n_bits: 12\nnot_a_field: 1\n")
+    with pytest.raises(SystemExit, match="not_a_field"):
+        _parser().parse_args_and_config(["--config", str(config)])
+
+
+def test_unknown_cli_flag_fails():
+    with pytest.raises((SystemExit, ValueError)):
+        _parser().parse_args_and_config(["--not_a_flag", "1"])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"model_type": "bert-nope"}, "model_type"),
+    ({"model_type": "t5"}, "model_type"),  # a seq2seq model is not a causal LM
+    ({"hidden_size": 30, "num_heads": 4}, "hidden_size"),
+])
+def test_bad_model_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ModelArguments(**kwargs)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="task"):
+        BooleanTaskArguments(task="xor")
