@@ -63,7 +63,8 @@ def weight_matrices(
     `is_transposed=True` store `(E, in, out)` and are transposed). Fused QKV (GPT-2 `c_attn`) is one matrix.
     Out of scope: the input embedding and the output embedding / LM head (compared by parameter identity,
     so a tied head is excluded too), position embeddings, norms and biases (1-D, or named `*bias*`).
-    A model without `get_input_embeddings` (a plain `nn.Module`) has nothing excluded.
+    A model without `get_input_embeddings` (a plain `nn.Module`) has nothing excluded. Frozen parameters
+    are included (filter them with `exclude` if needed); `nn.MultiheadAttention.in_proj_weight` is not.
 
     Args:
         model (`nn.Module`):
@@ -125,7 +126,9 @@ def log_volume(W: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     With A = W if out >= in else W^T (m >= r rows of r coordinates), C = cov of A's rows
     (columns centered over rows, divided by max(m - 1, 1)) and R = D^-1/2 C D^-1/2 the correlation matrix:
 
-        log_volume(W) = logdet(R + eps * I) / r   in [log(eps), log(1 + eps)],  0 iff uncorrelated.
+        log_volume(W) = logdet(R + eps * I) / r   in [log(eps), log(1 + eps)],
+
+    log(1 + eps) ~ 0 iff the coordinates are uncorrelated, very negative when they are (nearly) collinear.
 
     R is built with one batched matmul `Z^T Z / (m - 1)`, Z the centered, variance-normalized A, and its
     logdet comes from a Cholesky factorization (`cholesky_ex`, retried with growing jitter on failure;
