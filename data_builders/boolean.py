@@ -4,8 +4,7 @@ Both tasks draw bits x uniformly from {0,1}^n and a support S, a sorted k-subset
 seed. parity: y = sum_{i in S} x_i mod 2. majority: y = 1 if sum_{i in S} x_i > k/2, 0 if < k/2; for even k
 the tie sum = k/2 follows an explicit rule (`tie="one"` labels it 1, `tie="drop"` removes tied strings).
 
-The train / validation / test splits are disjoint as bit strings. Small spaces are sampled without
-replacement by index; large ones by drawing packed random bytes and rejecting duplicates. Everything is
+The train / validation / test splits are disjoint as bit strings (see `sampling.py`). Everything is
 vectorized numpy, and the Arrow columns (including the prompt strings) are built from numpy buffers.
 """
 
@@ -19,14 +18,15 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
+from datasets.fingerprint import Hasher
+
+from .sampling import sample_bit_strings
 
 TASKS = ("majority", "parity")
 TIE_RULES = ("one", "drop")
 SPLITS = ("train", "validation", "test")
 METADATA_FORMAT = "data_builders/boolean-v1"
 
-# Spaces up to 2**22 strings (or at most 4x the request) are sampled without replacement by index.
-_ENUMERATE_MAX_STRINGS = 2**22
 # Arrow `list` / `string` arrays use int32 offsets: build columns in chunks below this many bytes.
 _MAX_CHUNK_BYTES = 2**30
 
@@ -120,79 +120,13 @@ def validate_task_args(
     space, used = space_size(task, n, k, tie), 0
     for name, size in sizes.items():
         if used + size > space:
-            what = "strings" if tie is None else "strings without a tie"
+            what = "strings without a tie" if tie == "drop" else "strings"
             raise ValueError(
                 f"{name}_size={size} is too large: n={n} gives only {space} distinct {what} and the splits "
                 f"before it use {used}; reduce {name}_size to at most {space - used} or increase n."
             )
         used += size
     return tie, support
-
-
-def _support_sum(codes: np.ndarray, support: np.ndarray) -> np.ndarray:
-    """sum_{i in S} x_i for integer codes (x_i = bit i) or packed little-endian byte rows."""
-    total = np.zeros(len(codes), dtype=np.int64)
-    for i in support:  # k vectorized passes; never a loop over examples
-        bit = (codes >> i) & 1 if codes.ndim == 1 else (codes[:, i // 8] >> (i % 8)) & 1
-        total += bit
-    return total
-
-
-def _first_unique(rows: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of every distinct byte row, in their original order."""
-    if rows.shape[1] <= 8:
-        padded = np.zeros((len(rows), 8), dtype=np.uint8)
-        padded[:, : rows.shape[1]] = rows
-        keys = padded.view("<u8").ravel()
-    else:
-        keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
-    ordered = np.sort(keys)
-    if (ordered[1:] != ordered[:-1]).all():  # the common case for large n: nothing to reject
-        return np.arange(len(rows))
-    order = np.argsort(keys)
-    starts = np.flatnonzero(np.r_[True, keys[order[1:]] != keys[order[:-1]]])
-    # Smallest index per group: independent of which (unstable, CPU-dispatched) sort numpy uses.
-    return np.sort(np.minimum.reduceat(order, starts))
-
-
-def sample_bit_strings(
-    rng: np.random.Generator, n: int, total: int, exclude_sum: int | None = None, support=()
-) -> np.ndarray:
-    """Draws `total` distinct uniform bit strings of length `n`.
-
-    Args:
-        rng (`np.random.Generator`): source of randomness.
-        n (`int`): string length.
-        total (`int`): number of distinct strings (must not exceed the space; see `validate_task_args`).
-        exclude_sum (`int`, *optional*): reject strings whose bits on `support` sum to this value (ties).
-        support (`Sequence[int]`): indices used by `exclude_sum`.
-
-    Returns:
-        `np.ndarray` of shape `(total, n)` and dtype int8, rows in random order.
-    """
-    support = np.asarray(support, dtype=np.int64)
-    if 2**n <= max(_ENUMERATE_MAX_STRINGS, 4 * total):  # sample indices without replacement
-        if exclude_sum is None:
-            codes = rng.choice(2**n, size=total, replace=False)
-        else:
-            pool = np.arange(2**n, dtype=np.int64)
-            pool = pool[_support_sum(pool, support) != exclude_sum]
-            codes = rng.choice(pool, size=total, replace=False)
-        return ((codes[:, None] >> np.arange(n)) & 1).astype(np.int8)
-
-    width, tail = (n + 7) // 8, n % 8
-    accept = 1.0 if exclude_sum is None else 1 - math.comb(len(support), exclude_sum) / 2 ** len(support)
-    rows = np.empty((0, width), dtype=np.uint8)
-    while len(rows) < total:  # a few rounds: duplicates are rare when 4 * total < 2**n
-        draw = int((total - len(rows)) / accept * 1.05) + 64
-        new = rng.integers(0, 256, size=(draw, width), dtype=np.uint8)
-        if tail:
-            new[:, -1] &= (1 << tail) - 1  # canonical padding bits, so byte rows compare as strings
-        if exclude_sum is not None:
-            new = new[_support_sum(new, support) != exclude_sum]
-        rows = np.concatenate([rows, new])
-        rows = rows[_first_unique(rows)]
-    return np.unpackbits(rows[:total], axis=1, count=n, bitorder="little").view(np.int8)
 
 
 def compute_labels(bits: np.ndarray, task: str, support: Sequence[int], tie: str | None = None) -> np.ndarray:
@@ -249,7 +183,9 @@ def _to_dataset(bits: np.ndarray, labels: np.ndarray, description: str, split: s
         ],
         schema=FEATURES.arrow_schema,
     )
-    return Dataset(table, info=DatasetInfo(description=description, features=FEATURES), split=split)
+    info = DatasetInfo(description=description, features=FEATURES)
+    # The arguments determine the data, so they make the fingerprint (hashing the table is slower).
+    return Dataset(table, info=info, split=split, fingerprint=Hasher.hash([description, split]))
 
 
 def build_task(

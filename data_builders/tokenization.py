@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
+from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -24,7 +25,7 @@ TOKENIZED_FEATURES = Features(
         "input_ids": List(Value("int64")),
         "attention_mask": List(Value("int64")),
         "labels": List(Value("int64")),
-        "target": ClassLabel(names=["0", "1"]),
+        "label": ClassLabel(names=["0", "1"]),
     }
 )
 
@@ -97,7 +98,9 @@ def _symbol_ids(tokenizer) -> np.ndarray | None:
 
 def _prompt_ids(table: pa.Table, tokenizer, symbol_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Prompt token ids right-padded to a matrix, and the per-row lengths."""
-    if symbol_ids is not None and "bits" in table.column_names and len(table):
+    if len(table) == 0:
+        return np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if symbol_ids is not None and "bits" in table.column_names:
         bits = table.column("bits").combine_chunks()
         bits = bits.flatten().to_numpy(zero_copy_only=False).reshape(len(table), -1)
         ids = np.concatenate([symbol_ids[bits], np.full((len(bits), 1), symbol_ids[2])], axis=1)
@@ -137,14 +140,17 @@ def _tokenize_split(dataset: Dataset, tokenizer, answers, symbol_ids, bos_id, ke
         "input_ids": fixed_width_column(full, as_string=False),
         "attention_mask": fixed_width_column(mask, as_string=False),
         "labels": fixed_width_column(labels, as_string=False),
-        "target": pa.array(target, type=pa.int64()),
+        "label": pa.array(target, type=pa.int64()),
     }
     features = TOKENIZED_FEATURES.copy()
     for name in TEXT_COLUMNS if keep_text_columns else ():
         columns[name] = table.column(name)
         features[name] = dataset.features[name]
     info = DatasetInfo(description=dataset.info.description, features=features)
-    return Dataset(pa.table(columns, schema=features.arrow_schema), info=info, split=dataset.split)
+    vocab = sorted(tokenizer.get_vocab().items())
+    fingerprint = Hasher.hash([dataset._fingerprint, vocab, answers, bos_id, keep_text_columns])
+    table = pa.table(columns, schema=features.arrow_schema)
+    return Dataset(table, info=info, split=dataset.split, fingerprint=fingerprint)
 
 
 def tokenize_for_causal_lm(
@@ -157,8 +163,9 @@ def tokenize_for_causal_lm(
     right-padded with the pad token (attention_mask 0, labels -100) if prompts tokenize to different
     lengths; with the bit tokenizer they never do. The task metadata (`info.description`) is kept.
 
-    The class label is renamed `target`: a column named `label` would be copied over `labels` by
-    [`~transformers.DataCollatorWithPadding`], the Trainer's default collator when given a tokenizer.
+    The 0/1 class `label` is kept (for probes and metrics). Beware: [`~transformers.DataCollatorWithPadding`]
+    (the Trainer's default collator when given a `processing_class`) copies a `label` column over `labels`;
+    pass `data_collator=default_data_collator` (sequences have equal length) or drop `label` for training.
 
     Args:
         dataset_dict ([`~datasets.DatasetDict`]): output of [`majority`] / [`parity`].
@@ -169,7 +176,7 @@ def tokenize_for_causal_lm(
 
     Returns:
         [`~datasets.DatasetDict`] with columns `input_ids`, `attention_mask`, `labels` (int64 lists) and
-        `target` (`ClassLabel`), plus the text columns if asked.
+        `label` (`ClassLabel`), plus the text columns if asked.
 
     Example:
 
@@ -185,7 +192,9 @@ def tokenize_for_causal_lm(
     if add_bos:
         bos_id = tokenizer.bos_token_id
         if bos_id is None:
-            raise ValueError(f"add_bos=True but tokenizer {type(tokenizer).__name__} has no bos_token; set one.")
+            raise ValueError(
+                f"add_bos=True but tokenizer {type(tokenizer).__name__} has no bos_token; set one."
+            )
     symbol_ids = _symbol_ids(tokenizer)
     return DatasetDict(
         {
