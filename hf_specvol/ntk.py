@@ -190,6 +190,12 @@ def empirical_ntk(
     kernel = torch.zeros(num_probes, num_probes, dtype=torch.float64, device=device)
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    # HF's "padding without attention mask" check reads input_ids (data-dependent, breaks vmap); it only
+    # warns, and runs only when the config has a pad token, so hide that token while measuring.
+    config = getattr(model, "config", None)
+    pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is not None:
+        config.pad_token_id = None
     try:
         with warnings.catch_warnings():
             # sdpa has no vmap batching rule on CPU: torch loops over examples and warns on every call.
@@ -211,6 +217,8 @@ def empirical_ntk(
     finally:
         for module, mode in modes.items():
             module.training = mode
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
     return kernel
 
 

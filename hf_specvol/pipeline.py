@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from datasets import load_from_disk
+from transformers import default_data_collator
 
 import data_builders
 
@@ -89,6 +90,7 @@ def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArgumen
     trainer = SpectralVolumeTrainer(
         model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
         processing_class=tokenizer, answer_ids=answer_ids, compute_metrics=metrics,
+        data_collator=default_data_collator,  # fixed-length rows; padding collators would turn `label` into `labels`
         preprocess_logits_for_metrics=metrics.preprocess_logits,
     )
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
