@@ -253,7 +253,7 @@ def kernel_distance(K0: torch.Tensor, Kt: torch.Tensor) -> float:
     n0, nt = float(torch.linalg.matrix_norm(K0)), float(torch.linalg.matrix_norm(Kt))
     if n0 == 0.0 or nt == 0.0:
         return 0.0 if n0 == nt else 1.0
-    return 1.0 - float((K0 * Kt).sum()) / (n0 * nt)
+    return max(0.0, 1.0 - float((K0 * Kt).sum()) / (n0 * nt))  # clamp round-off below 0
 
 
 def kernel_effective_rank(K: torch.Tensor) -> float:
