@@ -48,7 +48,8 @@ class RecipeParser(HfArgumentParser):
         except FileNotFoundError:
             raise SystemExit(f"error: --config {path}: no such file.") from None
         if not isinstance(values, dict):
-            raise SystemExit(f"error: --config {path} must hold a mapping of field: value, got {type(values).__name__}.")
+            raise SystemExit(f"error: --config {path} must hold a mapping of field: value, "
+                             f"got {type(values).__name__}.")
         unknown = sorted(set(values) - self.known_fields())
         if unknown:
             raise SystemExit(f"error: --config {path} has unknown keys {unknown}; see --help for the valid fields.")

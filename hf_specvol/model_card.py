@@ -16,7 +16,8 @@ def model_card(results: dict) -> str:
         "model-index": [{
             "name": f"{results['model']['type']}-{task.get('task')}-n{task.get('n')}-k{task.get('k')}",
             "results": [{"task": {"type": "text-classification", "name": f"{task.get('task')} of bits"},
-                         "metrics": [{"type": "accuracy", "value": results["test_accuracy"], "name": "test accuracy"}]}],
+                         "metrics": [{"type": "accuracy", "value": results["test_accuracy"],
+                                      "name": "test accuracy"}]}],
         }],
     }
     penalty = ("off (spectral_volume_coef = 0)" if not method.get("spectral_volume_coef")

@@ -10,7 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_bits", "7", "--k", "3", "--train_size", "96", "--validation_size", "16", "--test_size", "16",
         "--hidden_size", "16", "--num_layers", "1", "--num_heads", "2", "--num_train_epochs", "2",
-        "--per_device_train_batch_size", "16", "--spectral_expansion_epochs", "1", "--spectral_decay_epochs", "0", "--ntk_probe_size", "8",
+        "--per_device_train_batch_size", "16", "--spectral_expansion_epochs", "1", "--spectral_decay_epochs", "0",
+        "--ntk_probe_size", "8",
         "--ntk_interval_steps", "4", "--rank_interval_steps", "4", "--rank_snapshot_epochs", "2",
         "--logging_steps", "2", "--disable_tqdm", "true"]
 
