@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 SCHEDULES = ("fixed", "ntk_feedback")
 
@@ -112,6 +117,13 @@ class SpectralVolumeConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # Launched with several processes (accelerate --multi_gpu, torchrun) on a machine without an
+            # accelerator: without use_cpu, accelerate leaves every process un-distributed and each trains alone
+            # (and writes as if it were the main process). Must be set before super() sets up the device.
+            logger.info("WORLD_SIZE=%s and no accelerator: setting use_cpu=True so the processes join one "
+                        "gloo DDP group.", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()
         errors = []
         if self.spectral_volume_coef < 0:

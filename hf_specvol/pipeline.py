@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from datasets import load_from_disk
-from transformers import default_data_collator
+from transformers import default_data_collator, set_seed
 
 import data_builders
 
@@ -85,6 +85,7 @@ def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArgumen
     answer_ids = data_builders.answer_token_ids(tokenizer)
     tokenized = data_builders.tokenize_for_causal_lm(raw, tokenizer)
     seq_len = len(tokenized["train"][0]["input_ids"])
+    set_seed(training_args.seed)  # the initial weights depend on --seed only (not on earlier RNG use)
     model = build_causal_lm(model_args, tokenizer, seq_len)
     metrics = AnswerTokenMetrics(answer_ids)
     trainer = SpectralVolumeTrainer(
