@@ -94,6 +94,7 @@ class RankTrackingCallback(TrainerCallback, ExportableState):
         self.expansion_steps = 0
         self.decay_steps = 0
         self.pending_logs: dict = {}
+        self._epoch_end_step: int | None = None
 
     # --- wiring -------------------------------------------------------------------------------
     def attach(self, probe: ProbeSet | None, expansion_steps: int, decay_steps: int) -> None:
@@ -173,12 +174,20 @@ class RankTrackingCallback(TrainerCallback, ExportableState):
             measured = True
         if measured:
             control.should_log = True
+        if state.epoch is not None and state.epoch == round(state.epoch):
+            # The last optimizer step of an epoch: do the epoch-end work now, before the Trainer saves a
+            # checkpoint of this step, so that a run resumed from that checkpoint has it too.
+            self._end_epoch(args, state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if not args.track_ranks:
-            return
+        if args.track_ranks and self._epoch_end_step != state.global_step:  # not already done in on_step_end
+            self._end_epoch(args, state, control, model)
+
+    def _end_epoch(self, args, state, control, model) -> None:
+        self._epoch_end_step = state.global_step
         epoch = round(state.epoch)
-        record = self._measure_ranks(args, state, model)
+        last = self.rank_history[-1] if self.rank_history else None
+        record = last if last and last["step"] == state.global_step else self._measure_ranks(args, state, model)
         if epoch in args.rank_snapshot_epochs:
             ntk = self._measure_ntk(args, state, model)
             self.snapshots[str(epoch)] = {"step": state.global_step, "layers": record["layers"], "ntk": ntk}
