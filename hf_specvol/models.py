@@ -10,6 +10,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 logger = logging.getLogger(__name__)
 
+MLP_TYPE = "boolean_mlp"
+
 
 @dataclass
 class ModelArguments:
@@ -24,6 +26,12 @@ class ModelArguments:
         model_dropout (`float`, *optional*): dropout rate for every dropout of a model built from scratch
             (GPT-2: resid/embd/attn); `None` keeps the architecture's default.
         trust_remote_code (`bool`, defaults to `False`): allow custom modeling code from the Hub.
+        mup_base_width (`int`, *optional*): train in muP (`hf_specvol.muparam`) with this base width;
+            `None` keeps the standard parametrization.
+        mup_zero_init_query (`bool`, defaults to `False`): under muP, zero-initialize the query projection.
+        mlp_activation, mlp_loss, mlp_readout: for `model_type="boolean_mlp"` (the MLP arm, width
+            `hidden_size`, `num_layers` hidden layers, dropout `model_dropout`): activation, `"cross_entropy"`
+            or `"hinge"`, `"logits"` or `"margin"` (see `BooleanMLPConfig`).
     """
 
     model_type: str = field(default="gpt2", metadata={"help": "HF causal-LM type built from scratch."})
@@ -34,11 +42,23 @@ class ModelArguments:
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4 x hidden)."})
     model_dropout: float | None = field(default=None, metadata={"help": "Dropout rate (None: architecture default)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+    mup_base_width: int | None = field(default=None, metadata={"help": "muP base width (None: standard param.)."})
+    mup_zero_init_query: bool = field(default=False, metadata={"help": "muP: zero-init the query projection."})
+    mlp_activation: str = field(default="relu", metadata={"help": "boolean_mlp: hidden activation."})
+    mlp_loss: str = field(default="cross_entropy", metadata={"help": "boolean_mlp: cross_entropy or hinge."})
+    mlp_readout: str = field(default="logits", metadata={"help": "boolean_mlp: logits (2 units) or margin (1)."})
 
     def __post_init__(self):
+        if self.mup_base_width is not None and self.mup_base_width < 1:
+            raise ValueError(f"mup_base_width={self.mup_base_width} must be a positive width (or None for no muP).")
+        if self.model_type == MLP_TYPE and self.model_name_or_path is None:
+            if self.model_dropout is not None and not 0 <= self.model_dropout < 1:
+                raise ValueError(f"model_dropout={self.model_dropout} must be in [0, 1).")
+            return
         if self.model_name_or_path is None and self.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(f"model_type={self.model_type!r} is not a causal-LM type of transformers; use one of "
-                             "gpt2, llama, qwen2, mistral, gemma, gpt_neox, opt, falcon, bloom, phi3, mixtral, ...")
+            raise ValueError(f"model_type={self.model_type!r} is not a causal-LM type of transformers; use "
+                             f"{MLP_TYPE!r} (the MLP arm) or one of gpt2, llama, qwen2, mistral, gemma, "
+                             "gpt_neox, opt, falcon, bloom, phi3, mixtral, ...")
         for name in ("hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
@@ -93,3 +113,32 @@ def build_causal_lm(model_args: ModelArguments, tokenizer, max_length: int):
             if hasattr(config, key):
                 setattr(config, key, model_args.model_dropout)
     return AutoModelForCausalLM.from_config(config)
+
+
+def build_boolean_mlp(model_args: ModelArguments, n_bits: int):
+    """The MLP arm: a `BooleanMLPForClassification` of width `hidden_size` and `num_layers` hidden layers."""
+    from .modeling_mlp import BooleanMLPConfig, BooleanMLPForClassification
+
+    if model_args.model_name_or_path is not None:
+        return BooleanMLPForClassification.from_pretrained(model_args.model_name_or_path)
+    config = BooleanMLPConfig(n_bits=n_bits, width=model_args.hidden_size, depth=model_args.num_layers,
+                              activation=model_args.mlp_activation, dropout=model_args.model_dropout or 0.0,
+                              loss=model_args.mlp_loss, readout=model_args.mlp_readout)
+    return BooleanMLPForClassification(config)
+
+
+def apply_parametrization(model, model_args: ModelArguments):
+    """muP (`hf_specvol.muparam.apply_mup`) when `mup_base_width` is set; the model unchanged otherwise.
+
+    A model loaded with `model_name_or_path` that was trained in muP gets only the forward-time parts
+    (attention scale, readout multiplier) again; its weights are kept.
+    """
+    from .muparam import apply_mup
+
+    base_width = model_args.mup_base_width
+    loaded = model_args.model_name_or_path is not None
+    if base_width is None and loaded:
+        base_width = getattr(model.config, "mup_base_width", None)
+    if base_width is None:
+        return model
+    return apply_mup(model, base_width, init=not loaded, zero_init_query=model_args.mup_zero_init_query)

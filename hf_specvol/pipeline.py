@@ -22,7 +22,7 @@ from .callbacks import _write_json
 from .config import SpectralVolumeConfig
 from .metrics import AnswerTokenMetrics
 from .model_card import model_card
-from .models import ModelArguments, build_causal_lm, load_tokenizer
+from .models import MLP_TYPE, ModelArguments, apply_parametrization, build_boolean_mlp, build_causal_lm, load_tokenizer
 from .trainer import SpectralVolumeTrainer
 
 logger = logging.getLogger(__name__)
@@ -77,20 +77,45 @@ def _accuracy_subset(dataset, size: int, seed: int):
     return dataset.select(np.sort(rows))
 
 
-def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArguments,
-                       training_args: SpectralVolumeConfig, resume_from_checkpoint=None) -> dict:
-    """Train, evaluate and save one run. Returns the content of `results.json`."""
+def _model_and_data(task_args: BooleanTaskArguments, model_args: ModelArguments, seed: int):
+    """(raw DatasetDict, training DatasetDict, model, tokenizer or None, answer ids or None).
+
+    Causal LMs train on the tokenized view; the MLP arm (`model_type="boolean_mlp"`) on the `bits` column,
+    with `label` turned into `labels` by `default_data_collator`. muP is applied when asked.
+    """
     raw = build_dataset(task_args)
-    tokenizer = load_tokenizer(model_args, data_builders.build_bit_tokenizer())
-    answer_ids = data_builders.answer_token_ids(tokenizer)
-    tokenized = data_builders.tokenize_for_causal_lm(raw, tokenizer)
-    seq_len = len(tokenized["train"][0]["input_ids"])
-    set_seed(training_args.seed)  # the initial weights depend on --seed only (not on earlier RNG use)
-    model = build_causal_lm(model_args, tokenizer, seq_len)
+    if model_args.model_type == MLP_TYPE:
+        data = raw.select_columns(["bits", "label"])
+        tokenizer = answer_ids = None
+        set_seed(seed)
+        model = build_boolean_mlp(model_args, len(raw["train"][0]["bits"]))
+    else:
+        tokenizer = load_tokenizer(model_args, data_builders.build_bit_tokenizer())
+        answer_ids = data_builders.answer_token_ids(tokenizer)
+        data = data_builders.tokenize_for_causal_lm(raw, tokenizer)
+        seq_len = len(data["train"][0]["input_ids"])
+        set_seed(seed)  # the initial weights depend on --seed only (not on earlier RNG use)
+        model = build_causal_lm(model_args, tokenizer, seq_len)
+    return raw, data, apply_parametrization(model, model_args), tokenizer, answer_ids
+
+
+def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArguments,
+                       training_args: SpectralVolumeConfig, resume_from_checkpoint=None, *,
+                       callbacks=None, save_model: bool = True) -> dict:
+    """Train, evaluate and save one run. Returns the content of `results.json`.
+
+    Args:
+        task_args, model_args, training_args: the three argument dataclasses of the recipes.
+        resume_from_checkpoint (`str` or `bool`, *optional*): passed to `Trainer.train`.
+        callbacks (`list[TrainerCallback]`, *optional*): extra callbacks (e.g. the study's early stop).
+        save_model (`bool`, defaults to `True`): save the weights (and tokenizer, model card); the study
+            switches it off to keep hundreds of runs small.
+    """
+    raw, tokenized, model, tokenizer, answer_ids = _model_and_data(task_args, model_args, training_args.seed)
     metrics = AnswerTokenMetrics(answer_ids)
     trainer = SpectralVolumeTrainer(
         model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
-        processing_class=tokenizer, answer_ids=answer_ids, compute_metrics=metrics,
+        processing_class=tokenizer, answer_ids=answer_ids, compute_metrics=metrics, callbacks=callbacks,
         data_collator=default_data_collator,  # fixed-length rows; padding collators would turn `label` into `labels`
         preprocess_logits_for_metrics=metrics.preprocess_logits,
     )
@@ -118,11 +143,13 @@ def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArgumen
                          for h in trainer.state.log_history if "eval_accuracy" in h],
         "rank_report": report,
     }
-    trainer.save_model(training_args.output_dir)
+    if save_model:
+        trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         _write_json(os.path.join(training_args.output_dir, RESULTS), results)
-        with open(os.path.join(training_args.output_dir, "README.md"), "w") as f:
-            f.write(model_card(results))
+        if save_model:
+            with open(os.path.join(training_args.output_dir, "README.md"), "w") as f:
+                f.write(model_card(results))
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"hf_specvol run: test accuracy {results['test_accuracy']:.4f}")
     return results

@@ -134,6 +134,32 @@ class SpectralVolumeTrainer(Trainer):
         super()._load_callback_state()
         self.tracker.attach(probe, expansion, decay)
 
+    # --- muP optimizer ---------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with muP per-parameter-group learning rates when the model is in muP.
+
+        A model prepared by `hf_specvol.muparam.apply_mup` carries `config.mup_base_width`; its Adam/AdamW or
+        SGD optimizer then gets the groups of `muparam.mup_param_groups` (weight decay on the parameters the
+        Trainer would decay). Other models get the Trainer's default optimizer.
+        """
+        opt_model = self.model if model is None else model
+        base_width = getattr(getattr(opt_model, "config", None), "mup_base_width", None)
+        if self.optimizer is not None or base_width is None:
+            return super().create_optimizer(model)
+        from .muparam import mup_param_groups
+
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        kind = "sgd" if "sgd" in optim else "adam" if "adam" in optim else None
+        if kind is None:
+            raise ValueError(f"optim={optim!r} has no muP learning-rate rule; use an Adam/AdamW optim or 'sgd' "
+                             "with a muP model (mup_base_width).")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        groups = mup_param_groups(opt_model, base_width, self.args.learning_rate, optimizer=kind,
+                                  weight_decay=self.args.weight_decay,
+                                  decay_names=set(self.get_decay_parameter_names(opt_model)))
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
     # --- the loss ------------------------------------------------------------------------------------
     def _penalty_scale(self, num_items_in_batch) -> float:
         """1 if `training_step` will not divide the loss by the accumulation steps, else that count."""
