@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch: the CPU wheel pinned here on machines without an NVIDIA driver; otherwise pip's default build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: setup run test test-all bench lint clean
+.PHONY: setup run test test-all bench lint clean study study-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: setup  ## the fast test suite (CI)
 
 test-all: setup  ## fast and slow tests
 	$(PY) -m pytest -q -m "slow or not slow"
+
+study: setup  ## the study (recipes/configs/study_default.yaml; ~35-60 min on 2 CPU cores, resumable)
+	$(PY) recipes/run_study.py --config recipes/configs/study_default.yaml $(ARGS)
+
+study-quick: setup  ## smoke test of the study machinery (~1 min)
+	$(PY) recipes/run_study.py --config recipes/configs/study_quick.yaml $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -4,8 +4,12 @@ from .callbacks import ProbeSet, RankTrackingCallback
 from .config import SpectralVolumeConfig
 from .controller import FixedSchedule, NTKFeedbackController
 from .metrics import AnswerAccuracy, AnswerTokenMetrics
+from .modeling_mlp import BooleanMLPConfig, BooleanMLPForClassification
+from .muparam import apply_mup, coord_check, mup_param_groups
 from .ntk import empirical_ntk, kernel_distance, kernel_target_alignment, ntk_statistics
+from .report import write_report
 from .spectral import effective_rank, log_volume, spectral_penalty, stable_rank, weight_matrices
+from .study import StudyConfig, run_study
 from .trainer import SpectralVolumeTrainer
 
 __version__ = "0.1.0"
@@ -13,19 +17,27 @@ __version__ = "0.1.0"
 __all__ = [
     "AnswerAccuracy",
     "AnswerTokenMetrics",
+    "BooleanMLPConfig",
+    "BooleanMLPForClassification",
     "FixedSchedule",
     "NTKFeedbackController",
     "ProbeSet",
     "RankTrackingCallback",
     "SpectralVolumeConfig",
     "SpectralVolumeTrainer",
+    "StudyConfig",
+    "apply_mup",
+    "coord_check",
     "effective_rank",
     "empirical_ntk",
     "kernel_distance",
     "kernel_target_alignment",
     "log_volume",
+    "mup_param_groups",
     "ntk_statistics",
+    "run_study",
     "spectral_penalty",
     "stable_rank",
     "weight_matrices",
+    "write_report",
 ]

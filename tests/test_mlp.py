@@ -147,3 +147,21 @@ def test_builders_bits_column_is_what_the_model_reads():
     model = BooleanMLPForClassification(BooleanMLPConfig(n_bits=6, width=4))
     out = model(bits=torch.tensor(raw["train"]["bits"]), labels=torch.tensor(raw["train"]["label"]))
     assert out.logits.shape == (16, 2) and out.loss.ndim == 0
+
+
+@pytest.mark.slow
+def test_literature_anchor_plain_sgd_learns_sparse_parity(tmp_path):
+    """Barak et al. 2022: width-1000 MLP, SGD lr 0.1, batch 32, parity n=20 k=3 reaches 99% in ~10^3 steps."""
+    from hf_specvol.pipeline import train_boolean_task
+    from hf_specvol.study import split_settings
+
+    settings = dict(task="parity", n_bits=20, k=3, train_size=5000, validation_size=500, test_size=1000,
+                    model_type="boolean_mlp", hidden_size=1000, num_layers=1, mlp_loss="hinge",
+                    mlp_readout="margin", optim="sgd", learning_rate=0.1, max_grad_norm=0,
+                    per_device_train_batch_size=32, lr_scheduler_type="constant", max_steps=5000,
+                    eval_strategy="steps", eval_steps=100,
+                    spectral_volume_coef=0.0, ntk_interval_steps=500, rank_interval_steps=500,
+                    output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+    results = train_boolean_task(*split_settings(settings), save_model=False)
+    solved_at = next(h["step"] for h in results["eval_history"] if h["accuracy"] >= 0.99)
+    assert 300 <= solved_at <= 10_000 and results["test_accuracy"] >= 0.99

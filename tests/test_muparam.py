@@ -139,8 +139,9 @@ def test_mlp_readout_scaled_and_tied_zero_readout_refused():
     torch.testing.assert_close(model.readout.weight, sp.readout.weight * 2)  # sqrt(m) for the 1/fan_in readout
     assert model.config.output_multiplier == pytest.approx(1 / 4)
     bits = torch.randint(0, 2, (4, 16))
-    torch.testing.assert_close(model(bits=bits).logits, sp(bits=bits).logits * 2 / 4 - sp.readout.bias / 4 * 2
-                               + sp.readout.bias / 4)
+    bias = sp.readout.bias
+    # readout (W h + b) becomes (2 W h + b) / 4: weights times sqrt(m) = 2, output times 1/m = 1/4
+    torch.testing.assert_close(model(bits=bits).logits, (2 * (sp(bits=bits).logits - bias) + bias) / 4)
     with pytest.raises(ValueError, match="tied"):
         apply_mup(_gpt2(64), 16, zero_init_readout=True)
 
