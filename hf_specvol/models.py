@@ -22,7 +22,9 @@ class ModelArguments:
             with the sizes below (ignored when `model_name_or_path` is set).
         model_name_or_path (`str`, *optional*): a local directory or Hub id of a causal LM to start from.
         hidden_size, num_layers, num_heads, intermediate_size: sizes of a model built from scratch
-            (`intermediate_size` defaults to 4 x hidden_size).
+            (`intermediate_size` defaults to 4 x hidden_size; it also sets the expert width of MoE types).
+        num_experts (`int`, defaults to `4`): experts per MoE layer of a MoE type built from scratch
+            (mixtral, qwen3_moe, ...), each token routed to min(2, the type's default) of them.
         model_dropout (`float`, *optional*): dropout rate for every dropout of a model built from scratch
             (GPT-2: resid/embd/attn); `None` keeps the architecture's default.
         trust_remote_code (`bool`, defaults to `False`): allow custom modeling code from the Hub.
@@ -40,6 +42,7 @@ class ModelArguments:
     num_layers: int = field(default=2, metadata={"help": "Number of blocks of a model built from scratch."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads of a model built from scratch."})
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4 x hidden)."})
+    num_experts: int = field(default=4, metadata={"help": "Experts per layer of a MoE type built from scratch."})
     model_dropout: float | None = field(default=None, metadata={"help": "Dropout rate (None: architecture default)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
     mup_base_width: int | None = field(default=None, metadata={"help": "muP base width (None: standard param.)."})
@@ -84,6 +87,50 @@ def load_tokenizer(model_args: ModelArguments, default_tokenizer):
                          f"({err}); save the tokenizer next to the model.") from err
 
 
+# Names under which model types store the MLP / expert width and the number of experts.
+_INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "moe_intermediate_size",
+                      "shared_expert_intermediate_size")
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
+
+
+def _from_scratch_kwargs(model_args: ModelArguments, tokenizer, max_length: int) -> dict:
+    """Config kwargs of `model_type` at the requested sizes, under the names this type uses.
+
+    Sizes the type keeps apart from `hidden_size` are tied to it so that small models stay small: the MLP
+    width (`n_inner` of gpt2, `ffn_dim` of opt, `ffn_hidden_size` of falcon, the expert width of MoE types),
+    `head_dim` (gemma's default is 256) and opt's `word_embed_proj_dim`. MoE types get `num_experts`
+    experts. Special-token ids come from the tokenizer; a default id outside its vocabulary (phi3's pad
+    32000) is dropped, since the embedding could not hold it.
+    """
+    defaults = AutoConfig.for_model(model_args.model_type)
+
+    def settable(key: str) -> bool:
+        return hasattr(defaults, key) and not isinstance(getattr(type(defaults), key, None), property)
+
+    width, heads = model_args.hidden_size, model_args.num_heads
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=model_args.num_layers,
+                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max(max_length, 8),
+                  n_positions=max(max_length, 8), tie_word_embeddings=True)
+    intermediate = model_args.intermediate_size or 4 * width
+    kwargs.update({key: intermediate for key in _INTERMEDIATE_KEYS if settable(key)})
+    if settable("head_dim"):
+        kwargs["head_dim"] = width // heads
+    if settable("word_embed_proj_dim"):
+        kwargs["word_embed_proj_dim"] = width
+    moe_keys = [k for k in _EXPERT_COUNT_KEYS if settable(k) and (getattr(defaults, k) or 0) > 1]
+    if moe_keys:
+        kwargs.update({key: model_args.num_experts for key in moe_keys})
+        if settable("num_experts_per_tok"):
+            kwargs["num_experts_per_tok"] = min(defaults.num_experts_per_tok, 2, model_args.num_experts)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value, default = getattr(tokenizer, name, None), getattr(defaults, name, None)
+        if value is not None:
+            kwargs[name] = value
+        elif isinstance(default, int) and not 0 <= default < len(tokenizer):
+            kwargs[name] = None
+    return kwargs
+
+
 def build_causal_lm(model_args: ModelArguments, tokenizer, max_length: int):
     """A causal LM for sequences of `max_length` tokens of `tokenizer`'s vocabulary."""
     if model_args.model_name_or_path is not None:
@@ -94,20 +141,7 @@ def build_causal_lm(model_args: ModelArguments, tokenizer, max_length: int):
                              "pass a model that AutoModelForCausalLM can load.")
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
                                                     trust_remote_code=model_args.trust_remote_code)
-    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    config = AutoConfig.for_model(
-        model_args.model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=model_args.hidden_size,
-        num_hidden_layers=model_args.num_layers,
-        num_attention_heads=model_args.num_heads,
-        num_key_value_heads=model_args.num_heads,
-        intermediate_size=model_args.intermediate_size or 4 * model_args.hidden_size,
-        max_position_embeddings=max(max_length, 8),
-        n_positions=max(max_length, 8),
-        tie_word_embeddings=True,
-        **{k: v for k, v in special.items() if v is not None},
-    )
+    config = AutoConfig.for_model(model_args.model_type, **_from_scratch_kwargs(model_args, tokenizer, max_length))
     if model_args.model_dropout is not None:
         for key in _DROPOUT_KEYS:
             if hasattr(config, key):

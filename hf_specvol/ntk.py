@@ -119,6 +119,23 @@ def _plan_blocks(params: dict[str, torch.Tensor], cap: int) -> list[list[tuple[s
     return blocks
 
 
+def _autograd_jacobian(margin_fn, pieces: tuple, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Jacobian rows `(n, sum of piece sizes)` one example at a time with plain autograd.
+
+    The fallback for models with a custom `autograd.Function` that `torch.func` cannot transform (BLOOM's
+    GeLU has no `setup_context`): same numbers, one backward pass per example instead of a vmapped call.
+    """
+    leaves = tuple(p.detach().requires_grad_() for p in pieces)
+    rows = []
+    for i in range(next(iter(chunk.values())).shape[0]):
+        with torch.enable_grad():
+            value = margin_fn(leaves, {k: v[i] for k, v in chunk.items()})
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
+                               for leaf, g in zip(leaves, grads)]))
+    return torch.stack(rows)
+
+
 def empirical_ntk(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -136,7 +153,9 @@ def empirical_ntk(
     that is split into flat slices (the slice is the differentiable input and the full parameter is rebuilt
     with `torch.cat` of constant parts and the slice). Each J_b is assembled from chunks of
     `example_chunk_size` examples with `vmap(jacrev(functional_call(...)))` (bounding activation memory),
-    and K += J_b J_b^T is accumulated in float64. Cost: one forward+backward per example per block.
+    and K += J_b J_b^T is accumulated in float64. Cost: one forward+backward per example per block. Models
+    that `torch.func` cannot transform (a custom `autograd.Function` without `setup_context`, as in BLOOM)
+    fall back to one plain autograd backward pass per example.
 
     The model is measured in eval mode (dropout off) and every module's training flag is restored
     afterwards; parameters and `.grad` are left untouched. Pass the *unwrapped* model under DDP /
@@ -188,6 +207,7 @@ def empirical_ntk(
 
         blocks = tqdm(blocks, desc="empirical NTK blocks")
     kernel = torch.zeros(num_probes, num_probes, dtype=torch.float64, device=device)
+    use_autograd = False
     modes = {m: m.training for m in model.modules()}
     model.eval()
     # HF's "padding without attention mask" check reads input_ids (data-dependent, breaks vmap); it only
@@ -208,7 +228,16 @@ def empirical_ntk(
                 )
                 for lo in range(0, num_probes, example_chunk_size):
                     chunk = {k: v[lo : lo + example_chunk_size] for k, v in inputs.items()}
-                    J[lo : lo + example_chunk_size] = torch.cat(jac_fn(pieces, chunk), dim=1)
+                    if not use_autograd:
+                        try:
+                            J[lo : lo + example_chunk_size] = torch.cat(jac_fn(pieces, chunk), dim=1)
+                            continue
+                        except RuntimeError as err:
+                            if "setup_context" not in str(err):
+                                raise
+                            use_autograd = True  # this model's autograd.Functions defeat torch.func
+                    J[lo : lo + example_chunk_size] = _autograd_jacobian(
+                        lambda ps, ex, blk=block: margin(ps, blk, ex), pieces, chunk)
                 # float64 Gram in column slices: at most half of J_b's memory on top of it.
                 step = max(1, math.ceil(J.shape[1] / 4))
                 for c in range(0, J.shape[1], step):
