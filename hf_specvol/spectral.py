@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .correlation import correlation_logdet
+
 __all__ = [
     "effective_rank",
     "layer_statistics",
@@ -26,10 +28,6 @@ __all__ = [
     "weight_matrices",
 ]
 
-# Variance floor relative to the squared largest entry of the matrix: a coordinate whose variance is below
-# it is numerically constant ("dead"). float32 rounding of a constant column's mean leaves ~1e-7 noise.
-_VAR_FLOOR = {torch.float32: 1e-10, torch.float64: 1e-24}
-_CHOLESKY_TRIES = 4
 
 
 def _embedding_param_ids(model: nn.Module) -> set[int]:
@@ -130,10 +128,12 @@ def log_volume(W: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
     log(1 + eps) ~ 0 iff the coordinates are uncorrelated, very negative when they are (nearly) collinear.
 
-    R is built with one batched matmul `Z^T Z / (m - 1)`, Z the centered, variance-normalized A, and its
+    R is built from one batched Gram matrix `C^T C` of the centered A, normalized on the r x r side, and its
     logdet comes from a Cholesky factorization (`cholesky_ex`, retried with growing jitter on failure;
-    never SVD). Computed in float32 (float64 for float64 input) with autocast disabled. The value is scale
-    invariant; the matrix is divided by its (detached) largest entry first so tiny scales stay finite.
+    never SVD); the gradient is analytic through the Cholesky factor (`correlation.correlation_logdet`),
+    so forward plus backward cost two m x r x r products. Computed in float32 (float64 for float64 input)
+    with autocast disabled. The value is scale invariant; the matrix is divided by its (detached) largest
+    entry first so tiny scales stay finite.
     A dead coordinate (variance below 1e-10, resp. 1e-24 in float64, of the squared largest entry:
     constant column of A, all-zero matrix, a single row) gets a zero row/column in R, so it counts as
     collapsed volume, contributing log(eps) / r, with zero gradient through it. Rank deficiency is
@@ -161,26 +161,9 @@ def log_volume(W: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
         A = W.to(dtype)
         if A.shape[-2] < A.shape[-1]:
             A = A.transpose(-1, -2)
-        m, r = A.shape[-2], A.shape[-1]
-        scale = A.detach().abs().amax(dim=(-2, -1), keepdim=True)
-        A = A / torch.where(scale > 0, scale, torch.ones_like(scale))
-        centered = A - A.mean(dim=-2, keepdim=True)
-        var = centered.pow(2).sum(dim=-2, keepdim=True) / max(m - 1, 1)
-        alive = var > _VAR_FLOOR[dtype]
-        inv_std = torch.where(alive, var.clamp_min(_VAR_FLOOR[dtype]).rsqrt(), torch.zeros_like(var))
-        Z = centered * inv_std
-        eye = torch.eye(r, dtype=dtype, device=W.device)
-        M = Z.transpose(-1, -2) @ Z / max(m - 1, 1) + eps * eye
-        L, info = torch.linalg.cholesky_ex(M)
-        base = max(eps, r * torch.finfo(dtype).eps)
-        for j in range(1, _CHOLESKY_TRIES + 1):
-            failed = info != 0
-            if not bool(failed.any()):
-                break
-            # The last try adds 1.0: R + I has eigenvalues >= 1 and always factorizes.
-            jitter = 1.0 if j == _CHOLESKY_TRIES else base * 10.0**j
-            L, info = torch.linalg.cholesky_ex(M + jitter * failed[..., None, None].to(dtype) * eye)
-        return 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1) / r
+        batch, (m, r) = A.shape[:-2], A.shape[-2:]
+        flat = A if A.dim() == 3 else A.reshape(-1, m, r)
+        return correlation_logdet(flat, eps).reshape(batch)
 
 
 def _as_named(matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,13 +172,20 @@ def _as_named(matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> 
     return {str(i): m for i, m in enumerate(matrices)}
 
 
+def _oriented(w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`w` or `w.t()`, whichever has `shape` (a square matrix is never flipped: its A is W itself)."""
+    return w if w.shape == shape else w.t()
+
+
 def log_volumes(
     matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], eps: float = 1e-4
 ) -> dict[str, torch.Tensor]:
     """`log_volume` of many matrices, one batched call per distinct shape.
 
-    Each matrix is put in its taller orientation (log_volume is transpose invariant), matrices of equal
-    shape, dtype and device are stacked, and each stack costs a single `log_volume` call.
+    Matrices of equal upright shape (taller orientation), dtype and device are stacked, and each stack costs a
+    single `log_volume` call. log_volume is transpose invariant, so a stack follows the storage orientation
+    of its first matrix (GPT-2's `Conv1D` weights are stacked as stored, `(in, out)`): stacking is then a
+    contiguous copy rather than a strided transpose. Square matrices keep their orientation (A = W).
 
     Args:
         matrices (`dict[str, torch.Tensor]` or iterable of `torch.Tensor`):
@@ -213,9 +203,9 @@ def log_volumes(
         groups.setdefault(key, []).append(name)
     values: dict[str, torch.Tensor] = {}
     for names in groups.values():
-        stack = torch.stack(
-            [named[n] if named[n].shape[0] >= named[n].shape[1] else named[n].t() for n in names]
-        )
+        first = named[names[0]]
+        target = first.shape if first.is_contiguous() or not first.t().is_contiguous() else first.t().shape
+        stack = torch.stack([_oriented(named[n], target) for n in names])
         for name, value in zip(names, log_volume(stack, eps=eps).unbind(0)):
             values[name] = value
     return {name: values[name] for name in named}
