@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("fixed", "ntk_feedback")
 
 
-@dataclass
+@dataclass(repr=False)  # keep TrainingArguments' repr, which masks hub_token
 class SpectralVolumeConfig(TrainingArguments):
     r"""
     Configuration for [`SpectralVolumeTrainer`]: every `TrainingArguments` field plus the ones below.
@@ -115,6 +115,10 @@ class SpectralVolumeConfig(TrainingArguments):
         default=True,
         metadata={"help": "Restore the tracker and lambda controller when resuming (on by default here)."},
     )
+
+    def __getstate__(self) -> dict:
+        # Checkpoints and `push_to_hub` pickle the arguments (training_args.bin): never with the Hub token.
+        return {**self.__dict__, "hub_token": None}
 
     def __post_init__(self):
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():

@@ -21,7 +21,6 @@ import data_builders
 from .callbacks import _write_json
 from .config import SpectralVolumeConfig
 from .metrics import AnswerTokenMetrics
-from .model_card import model_card
 from .models import MLP_TYPE, ModelArguments, apply_parametrization, build_boolean_mlp, build_causal_lm, load_tokenizer
 from .trainer import SpectralVolumeTrainer
 
@@ -143,15 +142,15 @@ def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArgumen
                          for h in trainer.state.log_history if "eval_accuracy" in h],
         "rank_report": report,
     }
-    if save_model:
-        trainer.save_model(training_args.output_dir)
+    trainer.run_results = results  # the model card (trainer.create_model_card) is built from them
     if trainer.is_world_process_zero():
         _write_json(os.path.join(training_args.output_dir, RESULTS), results)
-        if save_model:
-            with open(os.path.join(training_args.output_dir, "README.md"), "w") as f:
-                f.write(model_card(results))
     if training_args.push_to_hub:
+        # saves the model, writes our card and uploads output_dir (checkpoints excluded), from the main process
         trainer.push_to_hub(commit_message=f"hf_specvol run: test accuracy {results['test_accuracy']:.4f}")
+    elif save_model:
+        trainer.save_model(training_args.output_dir)
+        trainer.create_model_card()
     return results
 
 

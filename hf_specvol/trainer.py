@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -25,11 +26,27 @@ from transformers import Trainer
 
 from .callbacks import ProbeSet, RankTrackingCallback
 from .config import SpectralVolumeConfig
+from .model_card import model_card
 from .spectral import spectral_penalty, weight_matrices
 
 logger = logging.getLogger(__name__)
 
 _NOT_MODEL_INPUTS = {"labels", "label", "attention_mask"}
+
+
+def weight_sharding(accelerator) -> str | None:
+    """The name of the setup if `accelerator` shards weight matrices across processes, else `None`.
+
+    FSDP (1 and 2) and DeepSpeed ZeRO-3 keep only a shard of every matrix on each process; DDP and
+    DeepSpeed ZeRO-1/2 keep full matrices (ZeRO-1/2 shard optimizer state and gradients only).
+    """
+    state = accelerator.state
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return "FSDP"
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if deepspeed is not None and deepspeed.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
 
 
 def build_probe(model, dataset, size: int, seed: int, answer_ids: tuple[int, int] | None) -> ProbeSet:
@@ -69,6 +86,14 @@ class SpectralVolumeTrainer(Trainer):
             LM (see `data_builders.answer_token_ids`); needed for the NTK probe of a causal LM.
             Leave `None` for a classifier with (batch, 2) logits.
 
+    Attributes:
+        run_results (`dict` or `None`): the results of the finished run (the content of `results.json`, set by
+            `train_boolean_task`). When set, `create_model_card` (which `push_to_hub` calls before uploading)
+            writes hf_specvol's card: method, its config, dataset, metrics, rank report.
+
+    Weight sharding (FSDP, DeepSpeed ZeRO-3) is refused with an error while the penalty or the tracker is on:
+    both need whole matrices. One process, DDP and DeepSpeed ZeRO-1/2 are supported.
+
     Example:
         ```python
         args = SpectralVolumeConfig(output_dir="out", spectral_volume_coef=0.1, num_train_epochs=10)
@@ -84,7 +109,15 @@ class SpectralVolumeTrainer(Trainer):
             raise TypeError(f"SpectralVolumeTrainer needs args=SpectralVolumeConfig(...), got {type(args).__name__}; "
                             "SpectralVolumeConfig accepts every TrainingArguments field.")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        sharding = weight_sharding(self.accelerator)
+        if sharding is not None and (args.spectral_volume_coef > 0 or args.track_ranks):
+            raise ValueError(
+                f"{sharding} shards every weight matrix across processes: the spectral volume penalty and the rank/"
+                "NTK tracker need whole matrices and are not supported there. Supported setups: one process (CPU or "
+                "GPU), DDP (accelerate multi-GPU / multi-CPU, torchrun) and DeepSpeed ZeRO-1/2; or set "
+                "spectral_volume_coef=0 and track_ranks=False to train without them.")
         self.answer_ids = answer_ids
+        self.run_results: dict | None = None
         self._metrics = defaultdict(list)
         if not any(isinstance(cb, RankTrackingCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(RankTrackingCallback())
@@ -159,6 +192,17 @@ class SpectralVolumeTrainer(Trainer):
                                   decay_names=set(self.get_decay_parameter_names(opt_model)))
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    # --- model card ----------------------------------------------------------------------------------
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Write `output_dir/README.md`: hf_specvol's card from `run_results` if set, else the Trainer's card."""
+        if self.run_results is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(model_card(self.run_results))
+        return None
 
     # --- the loss ------------------------------------------------------------------------------------
     def _penalty_scale(self, num_items_in_batch) -> float:
