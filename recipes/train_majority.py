@@ -30,7 +30,8 @@ def make_parser(task: str) -> RecipeParser:
 
 
 def main(task_args, model_args, training_args):
-    results = train_boolean_task(task_args, model_args, training_args)
+    results = train_boolean_task(task_args, model_args, training_args,
+                                 resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.process_index == 0:
         print("\n" + format_report(results))
         print(f"\nEverything is in {os.path.abspath(training_args.output_dir)}")

@@ -9,6 +9,8 @@ JSON and restorable from a finished run's checkpoint.)
 
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -151,3 +153,18 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert other_history["rank_history"][0]["layers"] != first_history["rank_history"][0]["layers"]
     assert other_history["lambda_history"] == first_history["lambda_history"]  # the schedule is seed-free
     assert other["rank_report"]["ntk_final"] != first["rank_report"]["ntk_final"]
+
+
+def test_recipe_passes_resume_from_checkpoint(tmp_path, monkeypatch):
+    """`--resume_from_checkpoint DIR` on the recipe's command line reaches `Trainer.train`."""
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    monkeypatch.syspath_prepend(recipes)
+    sys.modules.pop("train_majority", None)
+    import train_majority
+
+    seen = {}
+    monkeypatch.setattr(train_majority, "train_boolean_task", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr(train_majority, "format_report", lambda results: "")
+    train_majority.run("majority", ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "ckpt/checkpoint-8",
+                                    "--use_cpu", "true"])
+    assert seen == {"resume_from_checkpoint": "ckpt/checkpoint-8"}
