@@ -48,5 +48,9 @@ def model_card(results: dict) -> str:
         if ntk:
             lines.append(f"- NTK at {label}: effective rank {ntk['erank']:.2f}, kernel-target alignment "
                          f"{ntk['alignment']:.4f}, distance from init {ntk['distance']:.4f}.")
+    lam = report.get("lambda")
+    if lam and lam.get("schedule"):
+        lines.append(f"- lambda ({lam['schedule']}): max {lam['max']:.4g}, mean {lam['mean']:.4g}, on for "
+                     f"{lam['steps_with_penalty']} steps; lazy -> rich transition step: {lam['transition_step']}.")
     lines += ["", "## Configuration", "", "```json", json.dumps(method, indent=2), "```", ""]
     return "\n".join(lines)

@@ -196,6 +196,9 @@ def test_recipe_push_to_hub_uploads_our_card_weights_and_reports(hub, tmp_path, 
     assert f"| test accuracy | {results['test_accuracy']:.4f} |" in card  # the metrics
     assert "## Layer-wise ranks at epoch 2" in card and "`transformer.h.0.attn.c_attn.weight` | 48x16" in card
     assert "NTK at initialization" in card and "NTK at end of training" in card
+    lam = results["rank_report"]["lambda"]
+    assert (f"- lambda (FixedSchedule): max 0.1, mean {lam['mean']:.4g}, on for {lam['steps_with_penalty']} steps"
+            in card)
     assert "hf_specvol" in hub.validated[-1]["tags"]  # the YAML header parses, with our tags
     assert json.loads(files["rank_report.json"])["snapshots"]["2"]["step"] == 8
 
