@@ -1,21 +1,22 @@
 """logdet of a regularised correlation matrix, with a hand-written backward.
 
 The training hot path of the spectral volume penalty (DESIGN.md section 2). For A with m >= r rows of r
-coordinates, C the centered A, S = C^T C, d_j = (S_jj / (m - 1))^(-1/2), D = diag(d) and
-R = D S D / (m - 1) (the correlation matrix):
+coordinates, C the centered A (columns minus their mean), S = C^T C, u_j = S_jj^(-1/2), U = diag(u) and
+Z = C U (unit-norm columns), the correlation matrix is R = Z^T Z = U S U (the 1 / (m - 1) of the
+covariance cancels) and
 
     value = logdet(M) / r,   M = R + eps * I = L L^T   (Cholesky, never SVD).
 
-The backward is analytic instead of autograd through every intermediate. With G = M^-1, Z = C D (the
-standardized coordinates) and g_j = (G R)_jj (the diagonal terms come from d depending on S_jj):
+The backward is analytic instead of autograd through every intermediate. With G = M^-1 and
+g_j = (G R)_jj (the diagonal terms come from u depending on S_jj):
 
-    dvalue/dS = D (G - diag(g)) D / (r (m - 1)),
-    dvalue/dA = 2 / (r (m - 1)) * center_columns((Z G - Z diag(g)) D),   g = colsum(Z G * Z) / (m - 1),
+    dvalue/dS = U (G - diag(g)) U / r,
+    dvalue/dA = (2 / r) * center_columns((Z G - Z diag(g)) U),   g = colsum(Z G * Z),
 
-where Z G = Z L^-T L^-1 comes from two triangular solves. A forward plus backward thus costs two
-m x r x r products (the Gram matrix and the solves) and r^3 / 3 for the factor; autograd through the
-same formula costs three products plus the Cholesky backward and keeps many m x r intermediates alive.
-Only Z, the factor and two vectors are saved.
+where Z G comes from the Cholesky factor (two triangular solves, or the explicit inverse when m >= 2 r or
+r is small). A forward plus backward thus costs two m x r x r products (the Gram matrix and Z G) plus
+O(r^3) for the factor; autograd through the same formula costs three products plus the Cholesky backward
+and keeps many m x r intermediates alive. Only Z, the factor and two small vectors are saved.
 """
 
 from __future__ import annotations
@@ -37,51 +38,59 @@ def _factorize(M: torch.Tensor, eps: float) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(M)
     base = max(eps, r * torch.finfo(dtype).eps)
     for j in range(1, _CHOLESKY_TRIES + 1):
-        failed = info != 0
-        if not bool(failed.any()):
+        if not bool(info.any()):
             break
         # The last try adds 1.0: R + I has eigenvalues >= 1 and always factorizes.
         jitter = 1.0 if j == _CHOLESKY_TRIES else base * 10.0**j
-        M.diagonal(dim1=-2, dim2=-1).add_(jitter * failed[..., None].to(dtype))
+        M.diagonal(dim1=-2, dim2=-1).add_(jitter * (info != 0).to(dtype)[..., None])
         L, info = torch.linalg.cholesky_ex(M)
     return L
+
+
+def _times_inverse(Z: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Z G with G = (L L^T)^-1, for Z of shape (B, m, r).
+
+    Two triangular solves cost m r^2 multiply-adds but run at about half the speed of a matrix product on
+    CPU (and far slower for small r); the explicit inverse costs about r^3 more. The inverse wins when
+    m >= 2 r or r is small, the solves for square matrices (measured on CPU, see docs/benchmarks.md).
+    """
+    m, r = Z.shape[-2], Z.shape[-1]
+    if r <= 128 or m >= 2 * r:
+        return Z @ torch.cholesky_inverse(L)
+    Y = torch.linalg.solve_triangular(L.mT, Z, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
 
 
 class _CorrelationLogDet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: torch.Tensor, eps: float) -> torch.Tensor:
         m, r = A.shape[-2], A.shape[-1]
-        denom = max(m - 1, 1)
-        floor = VAR_FLOOR[A.dtype]
         # The value is scale invariant; dividing by the largest entry keeps tiny / huge scales finite.
-        scale = torch.maximum(A.amax(dim=(-2, -1), keepdim=True), -A.amin(dim=(-2, -1), keepdim=True))
-        inv_scale = torch.where(scale > 0, scale.reciprocal(), torch.ones_like(scale))
+        scale = torch.maximum(A.amax(dim=(-2, -1), keepdim=True), A.amin(dim=(-2, -1), keepdim=True).neg_())
+        inv_scale = scale.clamp_min_(torch.finfo(A.dtype).tiny).reciprocal_()  # an all-zero A stays zero
         C = torch.sub(A, A.mean(dim=-2, keepdim=True)).mul_(inv_scale)
         S = C.mT @ C
-        var = S.diagonal(dim1=-2, dim2=-1) / denom
-        alive = var > floor
-        inv_std = torch.where(alive, var.clamp_min(floor).rsqrt(), torch.zeros_like(var))
-        M = S.mul_(inv_std[..., :, None] * (inv_std[..., None, :] / denom))  # R, in place of S
-        M.diagonal(dim1=-2, dim2=-1).add_(eps)  # dead coordinates: a zero row / column, eps on the diagonal
+        # dead coordinate: variance S_jj / (m - 1) below the floor; u_j = 0 gives it a zero row / column
+        floor = VAR_FLOOR[A.dtype] * max(m - 1, 1)
+        sq = S.diagonal(dim1=-2, dim2=-1)
+        u = sq.clamp_min(floor).rsqrt_().mul_(sq > floor)
+        M = S.mul_(u[..., :, None] * u[..., None, :])  # R, in place of S
+        M.diagonal(dim1=-2, dim2=-1).add_(eps)
         L = _factorize(M, eps)
-        Z = C.mul_(inv_std[..., None, :])  # standardized coordinates, Z^T Z = (m - 1) R; C is not kept
-        ctx.save_for_backward(Z, L, inv_std, inv_scale)
-        return 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1) / r
+        Z = C.mul_(u[..., None, :])  # C is not needed any more
+        ctx.save_for_backward(Z, L, u, inv_scale)
+        return L.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1).mul_(2.0 / r)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        Z, L, inv_std, inv_scale = ctx.saved_tensors
-        m, r = Z.shape[-2], Z.shape[-1]
+        Z, L, u, inv_scale = ctx.saved_tensors
         with torch.autocast(device_type=Z.device.type, enabled=False):
-            # Y = Z G = Z L^-T L^-1 by two triangular solves (m r^2 multiply-adds, no explicit inverse).
-            Y = torch.linalg.solve_triangular(L.mT, Z, upper=True, left=False)
-            Y = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
-            g = (Y * Z).sum(dim=-2, keepdim=True) / max(m - 1, 1)  # g_j = (G R)_jj
-            coef = (2.0 / (r * max(m - 1, 1))) * grad.to(Z.dtype)[..., None, None] * inv_scale
-            # C H = (Z G - Z diag(g)) D; then the centering's backward removes the column means.
-            Y = Y.addcmul_(Z, g, value=-1.0).mul_(inv_std[..., None, :] * coef)
-            return Y.sub_(Y.mean(dim=-2, keepdim=True)), None
+            Y = _times_inverse(Z, L)
+            g = (Y * Z).sum(dim=-2, keepdim=True)  # g_j = (G R)_jj
+            coef = grad.to(Z.dtype)[..., None, None] * inv_scale * (2.0 / Z.shape[-1])
+            Y = Y.addcmul_(Z, g, value=-1.0).mul_(u[..., None, :] * coef)  # (Z G - Z diag(g)) U
+            return Y.sub_(Y.mean(dim=-2, keepdim=True)), None  # the centering's backward
 
 
 def correlation_logdet(A: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

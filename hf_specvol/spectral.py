@@ -177,6 +177,23 @@ def _oriented(w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return w if w.shape == shape else w.t()
 
 
+def _grouped_log_volumes(
+    matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], eps: float
+) -> list[tuple[list[str], torch.Tensor]]:
+    """`(names, values)` per group of equal upright shape, dtype and device: one `log_volume` call each."""
+    named = _as_named(matrices)
+    groups: dict[tuple, list[str]] = {}
+    for name, w in named.items():
+        key = (max(w.shape), min(w.shape), w.dtype, w.device)
+        groups.setdefault(key, []).append(name)
+    out = []
+    for names in groups.values():
+        first = named[names[0]]
+        target = first.shape if first.is_contiguous() or not first.t().is_contiguous() else first.t().shape
+        out.append((names, log_volume(torch.stack([_oriented(named[n], target) for n in names]), eps=eps)))
+    return out
+
+
 def log_volumes(
     matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], eps: float = 1e-4
 ) -> dict[str, torch.Tensor]:
@@ -197,17 +214,8 @@ def log_volumes(
         `dict[str, torch.Tensor]`: name -> 0-dim log-volume tensor (with gradient), in the input order.
     """
     named = _as_named(matrices)
-    groups: dict[tuple, list[str]] = {}
-    for name, w in named.items():
-        key = (max(w.shape), min(w.shape), w.dtype, w.device)
-        groups.setdefault(key, []).append(name)
-    values: dict[str, torch.Tensor] = {}
-    for names in groups.values():
-        first = named[names[0]]
-        target = first.shape if first.is_contiguous() or not first.t().is_contiguous() else first.t().shape
-        stack = torch.stack([_oriented(named[n], target) for n in names])
-        for name, value in zip(names, log_volume(stack, eps=eps).unbind(0)):
-            values[name] = value
+    values = {name: value for names, group in _grouped_log_volumes(named, eps) for name, value in
+              zip(names, group.unbind(0))}
     return {name: values[name] for name in named}
 
 
@@ -215,6 +223,9 @@ def spectral_penalty(
     matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], eps: float = 1e-4
 ) -> torch.Tensor:
     """Spectral volume penalty P = -(1/L) * sum_l log_volume(W_l) >= -log(1 + eps).
+
+    Sums each group's log-volumes (see `log_volumes`) without splitting them per matrix: the training hot
+    path stays a handful of tensor operations per distinct shape.
 
     Args:
         matrices (`dict[str, torch.Tensor]` or iterable of `torch.Tensor`):
@@ -230,12 +241,13 @@ def spectral_penalty(
         >>> loss = task_loss + lam * spectral_penalty(weight_matrices(model))
         ```
     """
-    values = list(log_volumes(matrices, eps=eps).values())
-    if not values:
+    groups = [values for _, values in _grouped_log_volumes(matrices, eps)]
+    if not groups:
         return torch.zeros(())
-    dtype = torch.float64 if all(v.dtype == torch.float64 for v in values) else torch.float32
-    device = values[0].device
-    return -torch.stack([v.to(device=device, dtype=dtype) for v in values]).mean()
+    dtype = torch.float64 if all(v.dtype == torch.float64 for v in groups) else torch.float32
+    device = groups[0].device
+    total = sum(v.sum().to(device=device, dtype=dtype) for v in groups)
+    return total.mul(-1.0 / sum(v.numel() for v in groups))
 
 
 def spectrum_effective_rank(values: torch.Tensor) -> float:
