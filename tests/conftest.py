@@ -19,6 +19,16 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: tiny models run faster without thread synchronisation, and far faster when
+    other processes compete for the cores (OpenMP threads then spin-wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bit_tokenizer():
     return data_builders.build_bit_tokenizer()

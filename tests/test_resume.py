@@ -22,6 +22,7 @@ from hf_specvol.models import ModelArguments
 from hf_specvol.pipeline import BooleanTaskArguments, train_boolean_task
 
 TRAIN_COLUMNS = ["input_ids", "attention_mask", "labels"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 TIMING_KEYS = ("runtime", "per_second")
 
 
@@ -85,20 +86,12 @@ def test_default_config_restores_callback_state(tmp_path):
     assert SpectralVolumeConfig(output_dir=str(tmp_path)).restore_callback_states_from_checkpoint is True
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_majority, bit_tokenizer):
-    from conftest import tiny_gpt2
-
-    out = tmp_path_factory.mktemp("resume") / "full"
-    trainer = _trainer(out, tiny_majority, lambda: tiny_gpt2(bit_tokenizer), bit_tokenizer)
-    trainer.train()
-    log_history = list(trainer.state.log_history)
-    return out, trainer, log_history, trainer.evaluate()
-
-
-def test_interrupted_then_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, tiny_majority, make_tiny_gpt2,
-                                                            bit_tokenizer):
-    full_dir, full, full_log_history, full_metrics = uninterrupted
+def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, tiny_majority, make_tiny_gpt2, bit_tokenizer):
+    full_dir = tmp_path / "full"
+    full = _trainer(full_dir, tiny_majority, make_tiny_gpt2, bit_tokenizer)
+    full.train()
+    full_log_history = list(full.state.log_history)
+    full_metrics = full.evaluate()
     controller = full.tracker.controller
     assert controller.transition_step == 10  # after the interruption at step 8 ...
     assert [h["lambda"] for h in controller.history][:5] == pytest.approx([0.075, 0.1125, 0.16875, 0.253125, 0.3796875])
