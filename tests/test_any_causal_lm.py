@@ -256,4 +256,4 @@ def test_ntk_of_a_model_torch_func_cannot_transform_matches_brute_force(bit_toke
         grads = torch.autograd.grad(logits[5] - logits[4], list(model.parameters()))
         rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
     jacobian = torch.stack(rows)
-    torch.testing.assert_close(kernel, jacobian @ jacobian.T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(kernel, jacobian @ jacobian.T, rtol=1e-5, atol=1e-5)  # float32 Jacobians

@@ -103,7 +103,7 @@ def test_same_lambda_and_ntk_on_both_ranks_and_as_one_process(runs):
     for a, b in zip(one["ntk_history"], r0["ntk_history"]):
         # the parameters differ by float32 round-off (~1e-7), so do the kernels
         assert b["erank"] == pytest.approx(a["erank"], rel=1e-6), a["step"]
-        assert b["alignment"] == pytest.approx(a["alignment"], abs=1e-8), a["step"]
+        assert b["alignment"] == pytest.approx(a["alignment"], rel=1e-3, abs=1e-7), a["step"]  # KTA is in [-1, 1]
         assert b["distance"] == pytest.approx(a["distance"], rel=1e-3, abs=1e-9), a["step"]
     # layer-wise ranks are measured on each rank's (identical) replica
     for a, b in zip(r0["rank_history"], r1["rank_history"]):
