@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One intra-op thread for every test and the subprocesses they start: the models are tiny, and OpenMP
+# threads spin-wait for each other when other processes compete for the two CI cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,19 +17,10 @@ import data_builders  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _seeded_single_thread():
     torch.manual_seed(0)
-    yield
-
-
-@pytest.fixture
-def single_thread():
-    """One intra-op thread: tiny models run faster without thread synchronisation, and far faster when
-    other processes compete for the cores (OpenMP threads then spin-wait for each other)."""
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from hf_specvol.pipeline import BooleanTaskArguments, train_boolean_task
 from hf_specvol.spectral import weight_matrices
 
 TRAIN_COLUMNS = ["input_ids", "attention_mask", "labels"]
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _head_dim(c):

@@ -282,8 +282,9 @@ def test_dataset_card_contents():
     meta = task_metadata(ds)
     card = dataset_card(ds, repo_id="me/boolean")
     text = str(card)
-    for needle in ("n = 64", "k = 4", str(meta["support"]), "Seed**: 11", "Tie rule**: one", "| train | 60 |",
-                   'load_dataset("me/boolean", "majority_n64_k4_tie-one")', "ties (`= k/2`) are labelled 1"):  # fmt: skip
+    needles = ("n = 64", "k = 4", str(meta["support"]), "Seed**: 11", "Tie rule**: one", "| train | 60 |",
+               'load_dataset("me/boolean", "majority_n64_k4_tie-one")', "ties (`= k/2`) are labelled 1")
+    for needle in needles:
         assert needle in text, needle
     assert card.data.license == "apache-2.0" and "majority" in card.data.tags
     assert card.data.configs[0]["config_name"] == "majority_n64_k4_tie-one"

@@ -32,7 +32,6 @@ import data_builders
 from data_builders.cli import main as data_builders_main
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("single_thread")
 SECRET = "hf_NotARealTokenButMustNeverLeak"
 
 

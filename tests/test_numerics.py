@@ -19,7 +19,6 @@ from hf_specvol import SpectralVolumeConfig, SpectralVolumeTrainer
 from hf_specvol.spectral import weight_matrices
 
 EPS = 1e-4
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def oracle_penalty(matrices) -> float:

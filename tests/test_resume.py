@@ -22,7 +22,6 @@ from hf_specvol.models import ModelArguments
 from hf_specvol.pipeline import BooleanTaskArguments, train_boolean_task
 
 TRAIN_COLUMNS = ["input_ids", "attention_mask", "labels"]
-pytestmark = pytest.mark.usefixtures("single_thread")
 TIMING_KEYS = ("runtime", "per_second")
 
 

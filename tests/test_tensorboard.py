@@ -13,8 +13,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_builders import answer_token_ids  # noqa: E402
 from hf_specvol import SpectralVolumeConfig, SpectralVolumeTrainer  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def test_spectral_rank_and_ntk_scalars_reach_tensorboard(tmp_path, monkeypatch, tiny_majority, make_tiny_gpt2,
                                                          bit_tokenizer):
