@@ -60,9 +60,12 @@ class SpectralVolumeConfig(TrainingArguments):
             Measure the NTK every this many optimizer steps (also at init, snapshot epochs and the
             end); `0` keeps only those.
         ntk_max_block_mb (`float`, *optional*, defaults to `256`):
-            Cap on one Jacobian block (P x parameters) in MiB; bounds NTK memory on large models.
-        ntk_example_chunk_size (`int`, *optional*, defaults to `16`):
-            Probe examples per vectorized Jacobian call; bounds activation memory.
+            Cap on one Jacobian block (P x parameters) in MiB, and on the estimated working set of one
+            vectorized Jacobian call (at least 64 MiB); bounds NTK memory on large models (about 1 GiB on
+            GPT-2 small).
+        ntk_example_chunk_size (`int`, *optional*, defaults to `64`):
+            Most probe examples per vectorized Jacobian call; fewer when the call would exceed the memory
+            bound above.
         rank_interval_steps (`int`, *optional*, defaults to `50`):
             Measure layer-wise effective rank / stable rank / log-volume every this many steps
             (also at every epoch end); `0` keeps only epoch ends.
@@ -105,7 +108,9 @@ class SpectralVolumeConfig(TrainingArguments):
     ntk_probe_size: int = field(default=64, metadata={"help": "Number of validation examples in the NTK probe."})
     ntk_interval_steps: int = field(default=50, metadata={"help": "NTK measurement interval in steps (0: off)."})
     ntk_max_block_mb: float = field(default=256, metadata={"help": "Max MiB of one Jacobian block."})
-    ntk_example_chunk_size: int = field(default=16, metadata={"help": "Probe examples per vmap(jacrev) call."})
+    ntk_example_chunk_size: int = field(
+        default=64, metadata={"help": "Most probe examples per vmap(jacrev) call (fewer if memory needs it)."}
+    )
     rank_interval_steps: int = field(default=50, metadata={"help": "Rank measurement interval in steps (0: off)."})
     rank_snapshot_epochs: list[int] = field(
         default_factory=lambda: [10], metadata={"help": "Epochs whose end-of-epoch ranks go to rank_report.json."}

@@ -8,7 +8,6 @@ trainable parameters (P x p) and K = J J^T, accumulated block by block so memory
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -136,6 +135,40 @@ def _autograd_jacobian(margin_fn, pieces: tuple, chunk: dict[str, torch.Tensor])
     return torch.stack(rows)
 
 
+_MIN_CHUNK_BUDGET = 64 * 2**20
+
+
+def _saved_bytes_per_example(model: nn.Module, inputs: dict[str, torch.Tensor], call_kwargs: dict) -> int:
+    """Bytes autograd keeps for the backward of a one-example forward, plus the output and its gradient.
+
+    Parameters (and views of them) are not counted: they are shared by every example of a vmapped chunk.
+    """
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in storages:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _logits(model(**{k: v[:1] for k, v in inputs.items()}, **call_kwargs))
+    return total + 2 * out.numel() * out.element_size()
+
+
+def _chunk_size(block, params: dict[str, torch.Tensor], activation_bytes: int, budget: int, upper: int) -> int:
+    """Examples per vmapped call so that the call's working set stays under `budget` bytes.
+
+    Per example: the activations saved for its backward (twice: the backward's buffers are as large) and,
+    for every parameter touched by the block, about three full-size per-example tensors (the gradient with
+    respect to the whole parameter before slicing, e.g. a dense embedding gradient, and its slices).
+    """
+    touched = {name for name, _, _ in block}
+    per_example = 2 * activation_bytes + 3 * sum(params[n].numel() * params[n].element_size() for n in touched)
+    return max(1, min(upper, budget // max(per_example, 1)))
+
+
 def empirical_ntk(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -143,7 +176,7 @@ def empirical_ntk(
     answer_position: int | None = None,
     answer_ids: Sequence[int] | None = None,
     max_block_bytes: int = 256 * 2**20,
-    example_chunk_size: int = 16,
+    example_chunk_size: int = 64,
     progress: bool = False,
 ) -> torch.Tensor:
     """Empirical NTK K = J J^T of the answer margin over all trainable parameters, on P probe examples.
@@ -151,9 +184,14 @@ def empirical_ntk(
     J (P x p) is never materialized: the trainable parameters (`requires_grad=True`) are cut into blocks
     whose Jacobian J_b (P x n_b, parameter dtype) holds at most `max_block_bytes`; a parameter larger than
     that is split into flat slices (the slice is the differentiable input and the full parameter is rebuilt
-    with `torch.cat` of constant parts and the slice). Each J_b is assembled from chunks of
-    `example_chunk_size` examples with `vmap(jacrev(functional_call(...)))` (bounding activation memory),
-    and K += J_b J_b^T is accumulated in float64. Cost: one forward+backward per example per block. Models
+    with `torch.cat` of constant parts and the slice). Each J_b is assembled from chunks of at most
+    `example_chunk_size` examples with `vmap(jacrev(functional_call(...)))`; a chunk is made smaller when its
+    estimated working set (activations saved for one example's backward, measured once with saved-tensor
+    hooks, and full-size per-example gradients of the parameters the block touches, e.g. a dense embedding
+    gradient) would exceed `max(max_block_bytes, 64 MiB)`. So the extra memory of a measurement stays around
+    two blocks plus one copy of the largest parameter, whatever the model size. Each J_b J_b^T is computed
+    in J_b's dtype (float32 for float32 parameters: dot products over at most one block's columns, relative
+    error ~1e-6) and K is accumulated in float64. Cost: one forward+backward per example per block. Models
     that `torch.func` cannot transform (a custom `autograd.Function` without `setup_context`, as in BLOOM)
     fall back to one plain autograd backward pass per example.
 
@@ -166,8 +204,9 @@ def empirical_ntk(
         inputs (`dict[str, torch.Tensor]`): probe batch, every tensor with leading dimension P.
         answer_position (`int`, *optional*): see `answer_margin`.
         answer_ids (`tuple[int, int]`, *optional*): `(id_0, id_1)`; see `answer_margin`.
-        max_block_bytes (`int`, *optional*, defaults to `256 * 2**20`): cap on the bytes of one J_b.
-        example_chunk_size (`int`, *optional*, defaults to 16): examples per vmapped Jacobian call.
+        max_block_bytes (`int`, *optional*, defaults to `256 * 2**20`): cap on the bytes of one J_b, and on
+            the working set of one vmapped call (at least 64 MiB).
+        example_chunk_size (`int`, *optional*, defaults to 64): most examples per vmapped Jacobian call.
         progress (`bool`, *optional*, defaults to `False`): show a tqdm bar over blocks.
 
     Returns:
@@ -196,7 +235,10 @@ def empirical_ntk(
         state = dict(constants)
         for (name, start, stop), piece in zip(block, pieces):
             flat = constants[name].reshape(-1)
-            state[name] = torch.cat([flat[:start], piece, flat[stop:]]).view_as(constants[name])
+            if start == 0 and stop == flat.numel():  # the whole parameter: no copy
+                state[name] = piece.view_as(constants[name])
+            else:
+                state[name] = torch.cat([flat[:start], piece, flat[stop:]]).view_as(constants[name])
         batch = {k: v.unsqueeze(0) for k, v in example.items()}
         out = functional_call(model, state, args=(), kwargs={**batch, **call_kwargs})
         return answer_margin(_logits(out), answer_position, answer_ids)[0]
@@ -220,35 +262,43 @@ def empirical_ntk(
         with warnings.catch_warnings():
             # sdpa has no vmap batching rule on CPU: torch loops over examples and warns on every call.
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
+            activation_bytes = _saved_bytes_per_example(model, inputs, call_kwargs)
+            budget = max(max_block_bytes, _MIN_CHUNK_BUDGET)
             for block in blocks:
                 pieces = tuple(constants[n].reshape(-1)[a:b] for n, a, b in block)
                 jac_fn = vmap(jacrev(lambda ps, ex, blk=block: margin(ps, blk, ex)), in_dims=(None, 0))
-                J = torch.empty(
-                    num_probes, sum(b - a for _, a, b in block), dtype=pieces[0].dtype, device=device
-                )
-                for lo in range(0, num_probes, example_chunk_size):
-                    chunk = {k: v[lo : lo + example_chunk_size] for k, v in inputs.items()}
+                size = _chunk_size(block, params, activation_bytes, budget, example_chunk_size)
+                # J_b as one (P, n) matrix per piece; a single chunk's Jacobians are used as they come
+                columns = None if size >= num_probes else [
+                    torch.empty(num_probes, p.numel(), dtype=p.dtype, device=device) for p in pieces]
+                for lo in range(0, num_probes, size):
+                    chunk = {k: v[lo : lo + size] for k, v in inputs.items()}
                     if not use_autograd:
                         try:
-                            J[lo : lo + example_chunk_size] = torch.cat(jac_fn(pieces, chunk), dim=1)
-                            continue
+                            rows = jac_fn(pieces, chunk)
                         except RuntimeError as err:
                             if "setup_context" not in str(err):
                                 raise
                             use_autograd = True  # this model's autograd.Functions defeat torch.func
-                    J[lo : lo + example_chunk_size] = _autograd_jacobian(
-                        lambda ps, ex, blk=block: margin(ps, blk, ex), pieces, chunk)
-                # float64 Gram in column slices: at most half of J_b's memory on top of it.
-                step = max(1, math.ceil(J.shape[1] / 4))
-                for c in range(0, J.shape[1], step):
-                    Jc = J[:, c : c + step].to(torch.float64)
-                    kernel += Jc @ Jc.T
+                    if use_autograd:
+                        rows = _autograd_jacobian(lambda ps, ex, blk=block: margin(ps, blk, ex), pieces, chunk)
+                        rows = rows.split([p.numel() for p in pieces], dim=1)
+                    if columns is None:
+                        columns = list(rows)
+                    else:
+                        for column, row in zip(columns, rows):
+                            column[lo : lo + size] = row
+                for J in columns:
+                    if J.element_size() < 4:
+                        J = J.float()  # half-precision dot products would lose the kernel's small entries
+                    kernel += (J @ J.T).to(torch.float64)
+                columns = rows = J = None  # free J_b before the next block allocates its own
     finally:
         for module, mode in modes.items():
             module.training = mode
         if pad_token_id is not None:
             config.pad_token_id = pad_token_id
-    return kernel
+    return (kernel + kernel.T) / 2  # BLAS does not promise an exactly symmetric J J^T
 
 
 def kernel_target_alignment(K: torch.Tensor, labels01) -> float:
