@@ -44,12 +44,14 @@ def _ntk(record, which, key):
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (cell, method), in the order the records come: the columns of `COLUMNS`."""
+    """One row per (cell, method), cells and methods in order of first appearance: the columns of `COLUMNS`."""
+    cell_order = {c: i for i, c in enumerate(dict.fromkeys(r["cell"] for r in records))}
+    method_order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in records))}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["cell"], r["method"]), []).append(r)
     rows = []
-    for (cell, method), rs in groups.items():
+    for (cell, method), rs in sorted(groups.items(), key=lambda kv: (cell_order[kv[0][0]], method_order[kv[0][1]])):
         ok = [r for r in rs if r["status"] == "ok"]
         acc = [r["test_accuracy"] for r in ok]
         epochs = {r.get("snapshot_epoch") for r in ok} - {None}
@@ -171,7 +173,8 @@ def write_report(records: list[dict], out_dir: str, config=None, plots: bool = T
               "accuracy; erank = mean layer-wise effective rank at the snapshot epoch; NTK at init and at the snapshot "
               "epoch; lazy→rich = first NTK measurement with kernel distance >= 0.05 or alignment gain >= 0.05 "
               "(median step, number of runs with a transition).", "", markdown_table(rows), "",
-              "## Spectral volume vs the best baseline", "", ci_table(diffs) if diffs else "(no specvol method)", ""]
+              "## Spectral volume vs the best baseline", "",
+              ci_table(diffs) if diffs else "(no cell has both a specvol method and a baseline)", ""]
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         lines += ["## Failed runs", ""] + [f"- {r['run_id']}: {r.get('error')}" for r in failed] + [""]
@@ -216,16 +219,35 @@ def _grid(plt, n_panels, width=4.0, height=3.0):
     return fig, list(axes.flat)
 
 
+def _legend(axes, **kwargs) -> None:
+    """Legend on the first panel that has labelled lines (a panel may have none, e.g. no specvol method)."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(**kwargs)
+            return
+
+
 def _save(fig, out_dir, name):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, name), dpi=70)
+    _shrink_png(os.path.join(out_dir, name))
     return name
 
 
+def _shrink_png(path: str, colors: int = 128) -> None:
+    """Re-save a plot with a palette of `colors` colors (about 3x smaller, fit for committing to docs/)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=colors)
+    small.save(path, optimize=True)
+
+
 def plot_study(records: list[dict], out_dir: str) -> list[str]:
-    """accuracy.png, erank.png, ntk.png, lambda.png and coord_check.png (if the study saved one)."""
+    """accuracy.png, erank.png, ntk.png, lambda.png and coord_check[_gpt2].png (if the study saved them)."""
     plt = _plt()
     cells = list(dict.fromkeys(r["cell"] for r in records if r["status"] == "ok"))
+    color = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["method"] for r in records))}
     names = []
     if cells:
         fig, axes = _grid(plt, len(cells))
@@ -233,11 +255,12 @@ def plot_study(records: list[dict], out_dir: str) -> list[str]:
             for method, rs in _by_method(records, cell).items():
                 steps, mean, std = _mean_curve([[(h["step"], h["accuracy"]) for h in r["eval_history"]] for r in rs])
                 if len(steps):
-                    ax.plot(steps, mean, label=method)
-                    ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+                    ax.plot(steps, mean, label=method, color=color[method])
+                    ax.fill_between(steps, mean - std, mean + std, alpha=0.12, color=color[method])
             ax.set(title=cell, xlabel="step", ylabel="validation accuracy", ylim=(0.4, 1.02))
+            ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        _legend(axes, fontsize=7)
         names.append(_save(fig, out_dir, "accuracy.png"))
         plt.close(fig)
 
@@ -247,11 +270,11 @@ def plot_study(records: list[dict], out_dir: str) -> list[str]:
                 layers = list(rs[0].get("layer_erank") or {})
                 if layers:
                     mean = [np.mean([r["layer_erank"].get(name, np.nan) for r in rs]) for name in layers]
-                    ax.plot(range(len(layers)), mean, marker="o", label=method)
-            ax.set(title=f"{cell}: erank at snapshot epoch", xlabel="matrix index (model order)",
-                   ylabel="effective rank")
+                    ax.plot(range(len(layers)), mean, marker="o", label=method, color=color[method])
+            ax.set(title=cell, xlabel="matrix index (model order)", ylabel="erank at snapshot epoch")
+            ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        _legend(axes, fontsize=7)
         names.append(_save(fig, out_dir, "erank.png"))
         plt.close(fig)
 
@@ -262,12 +285,12 @@ def plot_study(records: list[dict], out_dir: str) -> list[str]:
                 for row, key in enumerate(keys):
                     steps, mean, _ = _mean_curve([[(h["step"], h[key]) for h in r["ntk_history"]] for r in rs])
                     if len(steps):
-                        axes[row][col].plot(steps, mean, label=method)
+                        axes[row][col].plot(steps, mean, label=method, color=color[method])
             axes[0][col].set_title(cell, fontsize=9)
             for row, key in enumerate(keys):
                 axes[row][col].set(xlabel="step", ylabel=f"NTK {key}")
                 axes[row][col].grid(alpha=0.3)
-        axes[0][0].legend(fontsize=6)
+        _legend(axes[0], fontsize=6)
         names.append(_save(fig, out_dir, "ntk.png"))
         plt.close(fig)
 
@@ -277,21 +300,22 @@ def plot_study(records: list[dict], out_dir: str) -> list[str]:
                 if "specvol" in method:
                     steps, mean, _ = _mean_curve([[tuple(p) for p in r["lambda_history"]] for r in rs])
                     if len(steps):
-                        ax.plot(steps, mean, label=method)
+                        ax.plot(steps, mean, label=method, color=color[method])
             ax.set(title=cell, xlabel="step", ylabel="lambda (mean over seeds)")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        _legend(axes, fontsize=7)
         names.append(_save(fig, out_dir, "lambda.png"))
         plt.close(fig)
 
-    coord = os.path.join(out_dir, "coord_check.json")
-    if os.path.exists(coord):
-        from .muparam import plot_coord_check
+    from .muparam import plot_coord_check
 
-        with open(coord) as f:
-            fig = plot_coord_check(json.load(f), save_to=os.path.join(out_dir, "coord_check.png"))
-        plt.close(fig)
-        names.append("coord_check.png")
+    for stem in ("coord_check", "coord_check_gpt2"):
+        if os.path.exists(os.path.join(out_dir, f"{stem}.json")):
+            with open(os.path.join(out_dir, f"{stem}.json")) as f:
+                fig = plot_coord_check(json.load(f), save_to=os.path.join(out_dir, f"{stem}.png"))
+            plt.close(fig)
+            _shrink_png(os.path.join(out_dir, f"{stem}.png"))
+            names.append(f"{stem}.png")
     return names
 
 
@@ -319,7 +343,7 @@ def plot_run(run_dir: str) -> list[str]:
     for layer in (ranks[0]["layers"] if ranks else {}):
         ax.plot([h["step"] for h in ranks], [h["layers"][layer]["erank"] for h in ranks], label=layer)
     ax.set(xlabel="step", ylabel="effective rank")
-    ax.legend(fontsize=6)
+    _legend([ax], fontsize=6)
     ax.grid(alpha=0.3)
     names.append(_save(fig, run_dir, "run_ranks.png"))
     plt.close(fig)
@@ -347,10 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hf_specvol.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="a study directory (runs.jsonl) or a run directory (results.json)")
     args = parser.parse_args(argv)
-    from .study import RUNS, load_records
+    from .study import RUNS, StudyConfig, load_records
 
     if os.path.exists(os.path.join(args.path, RUNS)):
-        write_report(load_records(args.path), args.path)
+        config, records = None, load_records(args.path)
+        saved = os.path.join(args.path, "study_config.json")
+        if os.path.exists(saved):  # written by run_study: keeps the cells' descriptions and the run order
+            with open(saved) as f:
+                config = StudyConfig(**json.load(f))
+            by_id = {r["run_id"]: r for r in records}
+            records = [by_id[run["run_id"]] for run in config.runs() if run["run_id"] in by_id]
+        write_report(records, args.path, config)
         print(f"wrote {os.path.join(args.path, 'report.md')}, summary.csv and plots")
     elif os.path.exists(os.path.join(args.path, "results.json")):
         names = plot_run(args.path)

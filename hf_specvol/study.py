@@ -87,7 +87,8 @@ class StudyConfig:
         defaults (`dict`): settings shared by all cells.
         method_settings (`dict`): per-method overrides for all cells.
         workers (`int`): parallel processes (1: in this process).
-        coord_check (`bool`): run and save the muP coordinate check.
+        coord_check (`bool` or `list[str]`): run and save the muP coordinate check; `True` means `["mlp"]`,
+            a list may also name `"gpt2"` (a 2-block GPT-2, slower).
         retry_failed (`bool`): rerun runs recorded as failed.
     """
 
@@ -98,7 +99,7 @@ class StudyConfig:
     defaults: dict = field(default_factory=dict)
     method_settings: dict = field(default_factory=dict)
     workers: int = 1
-    coord_check: bool = True
+    coord_check: bool | list = True
     retry_failed: bool = True
     name: str = "study"
     description: str = ""
@@ -292,8 +293,10 @@ def run_study(config: StudyConfig, progress: bool = True) -> list[dict]:
     skip = {rid for rid, r in done.items() if r["status"] == "ok" or not config.retry_failed}
     pending = [r for r in runs if r["run_id"] not in skip]
     logger.info("study %s: %d runs, %d already done, %d to run", config.name, len(runs), len(skip), len(pending))
-    if config.coord_check and not os.path.exists(os.path.join(config.output_dir, "coord_check.json")):
-        write_coord_check(config.output_dir)
+    archs = ["mlp"] if config.coord_check is True else list(config.coord_check or [])
+    for arch in archs:
+        if not os.path.exists(os.path.join(config.output_dir, COORD_CHECK_FILES[arch])):
+            write_coord_check(config.output_dir, arch=arch)
     with open(os.path.join(config.output_dir, "study_config.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
 
@@ -327,24 +330,47 @@ def run_study(config: StudyConfig, progress: bool = True) -> list[dict]:
     return [done[r["run_id"]] for r in runs if r["run_id"] in done and r["run_id"] in wanted]
 
 
-def write_coord_check(output_dir: str, widths=(64, 128, 256, 512), base_width: int = 64, steps: int = 3,
-                      lr: float = 1e-2) -> list[dict]:
-    """muP vs standard parametrization coordinate check of a 3-hidden-layer Boolean MLP (Adam, one batch
-    of 16-bit parity); saves `coord_check.json` in `output_dir` and returns the records."""
+COORD_CHECK_FILES = {"mlp": "coord_check.json", "gpt2": "coord_check_gpt2.json"}
+
+
+def write_coord_check(output_dir: str, arch: str = "mlp", widths=(64, 128, 256, 512), base_width: int = 64,
+                      steps: int = 3, lr: float = 1e-2) -> list[dict]:
+    """muP vs standard parametrization coordinate check (Adam, one batch), saved as JSON in `output_dir`.
+
+    Args:
+        arch (`str`): `"mlp"` (a 3-hidden-layer Boolean MLP on 16-bit parity, `coord_check.json`) or `"gpt2"`
+            (a 2-block GPT-2 on random 12-token sequences, `coord_check_gpt2.json`).
+
+    Returns:
+        The records of `muparam.coord_check` for both parametrizations.
+    """
     import torch
 
-    from .modeling_mlp import BooleanMLPConfig, BooleanMLPForClassification
     from .muparam import coord_check
 
     generator = torch.Generator().manual_seed(0)
-    bits = torch.randint(0, 2, (256, 16), generator=generator)
-    batch = {"bits": bits, "labels": bits[:, :3].sum(-1) % 2}
+    if arch == "mlp":
+        from .modeling_mlp import BooleanMLPConfig, BooleanMLPForClassification
 
-    def make(width):
-        return BooleanMLPForClassification(BooleanMLPConfig(n_bits=16, width=width, depth=3))
+        bits = torch.randint(0, 2, (256, 16), generator=generator)
+        batch = {"bits": bits, "labels": bits[:, :3].sum(-1) % 2}
 
+        def make(width):
+            return BooleanMLPForClassification(BooleanMLPConfig(n_bits=16, width=width, depth=3))
+    elif arch == "gpt2":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        ids = torch.randint(0, 12, (16, 12), generator=generator)
+        batch = {"input_ids": ids, "labels": ids}
+
+        def make(width):
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+                "gpt2", vocab_size=12, n_embd=width, n_layer=2, n_head=4, n_positions=16, resid_pdrop=0.0,
+                embd_pdrop=0.0, attn_pdrop=0.0))
+    else:
+        raise ValueError(f"coord_check arch={arch!r} is unknown; use one of {sorted(COORD_CHECK_FILES)}.")
     records = [r for mup in (True, False)
                for r in coord_check(make, batch, widths, base_width=base_width, steps=steps, lr=lr, mup=mup)]
-    with open(os.path.join(output_dir, "coord_check.json"), "w") as f:
+    with open(os.path.join(output_dir, COORD_CHECK_FILES[arch]), "w") as f:
         json.dump(records, f)
     return records

@@ -166,3 +166,16 @@ def test_trainer_builds_the_mup_optimizer(tmp_path, tiny_majority, bit_tokenizer
     assert lrs[id(named["transformer.h.0.attn.c_attn.weight"])] == (pytest.approx(2.5e-4), 0.1)
     assert lrs[id(named["transformer.wte.weight"])] == (pytest.approx(1e-3), 0.1)
     assert lrs[id(named["transformer.h.0.ln_1.weight"])] == (pytest.approx(1e-3), 0.0)
+
+
+@pytest.mark.slow
+def test_coordinate_check_gpt2(tmp_path):
+    """The same check on a 2-block GPT-2 (widths 64..512): muP within 2x across widths, SP grows > 5x."""
+    from hf_specvol.study import write_coord_check
+
+    records = write_coord_check(str(tmp_path), arch="gpt2")
+    spread = coord_check_spread(records)
+    layers = {layer for _, layer in spread}
+    assert "lm_head" in layers and "transformer.h.1.mlp.c_proj" in layers
+    assert all(spread[("muP", layer)] < 2.0 for layer in layers), spread
+    assert all(spread[("SP", layer)] > 5.0 for layer in layers if layer != "lm_head"), spread

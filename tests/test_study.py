@@ -134,7 +134,7 @@ def test_bootstrap_difference_against_closed_forms():
 
 
 def test_study_configs_parse_and_quick_is_small():
-    for name in ("study_quick", "study_default", "study_gpu"):
+    for name in ("study_quick", "study_default", "study_gpu", "study_specvol_sweep"):
         config = StudyConfig.from_yaml(os.path.join(ROOT, "recipes", "configs", f"{name}.yaml"))
         for run in config.runs()[:: max(1, len(config.runs()) // 20)]:
             split_settings(run["settings"])
