@@ -106,7 +106,7 @@ def train_boolean_task(task_args: BooleanTaskArguments, model_args: ModelArgumen
     Args:
         task_args, model_args, training_args: the three argument dataclasses of the recipes.
         resume_from_checkpoint (`str` or `bool`, *optional*): passed to `Trainer.train`.
-        callbacks (`list[TrainerCallback]`, *optional*): extra callbacks (e.g. the study's early stop).
+        callbacks (`list[TrainerCallback]`, *optional*): extra callbacks (e.g. `EarlyStoppingCallback`).
         save_model (`bool`, defaults to `True`): save the weights (and tokenizer, model card); the study
             switches it off to keep hundreds of runs small.
     """
