@@ -21,6 +21,8 @@ and keeps many m x r intermediates alive. Only Z, the factor and two small vecto
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -61,6 +63,11 @@ def _times_inverse(Z: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
 
 
+def _no_autocast(device_type: str):
+    """A context without autocast, entered only when autocast is on (the common case costs nothing)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 class _CorrelationLogDet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,11 +80,11 @@ class _CorrelationLogDet(torch.autograd.Function):
         # dead coordinate: variance S_jj / (m - 1) below the floor; u_j = 0 gives it a zero row / column
         floor = VAR_FLOOR[A.dtype] * max(m - 1, 1)
         sq = S.diagonal(dim1=-2, dim2=-1)
-        u = sq.clamp_min(floor).rsqrt_().mul_(sq > floor)
-        M = S.mul_(u[..., :, None] * u[..., None, :])  # R, in place of S
+        u = torch.where(sq > floor, sq.rsqrt(), 0.0)
+        M = S.mul_(u.unsqueeze(-1)).mul_(u.unsqueeze(-2))  # R, in place of S
         M.diagonal(dim1=-2, dim2=-1).add_(eps)
         L = _factorize(M, eps)
-        Z = C.mul_(u[..., None, :])  # C is not needed any more
+        Z = C.mul_(u.unsqueeze(-2))  # C is not needed any more
         ctx.save_for_backward(Z, L, u, inv_scale)
         return L.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1).mul_(2.0 / r)
 
@@ -85,11 +92,11 @@ class _CorrelationLogDet(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         Z, L, u, inv_scale = ctx.saved_tensors
-        with torch.autocast(device_type=Z.device.type, enabled=False):
+        with _no_autocast(Z.device.type):
             Y = _times_inverse(Z, L)
-            g = (Y * Z).sum(dim=-2, keepdim=True)  # g_j = (G R)_jj
-            coef = grad.to(Z.dtype)[..., None, None] * inv_scale * (2.0 / Z.shape[-1])
-            Y = Y.addcmul_(Z, g, value=-1.0).mul_(u[..., None, :] * coef)  # (Z G - Z diag(g)) U
+            g = torch.linalg.vecdot(Y, Z, dim=-2).unsqueeze_(-2)  # g_j = (G R)_jj
+            column_scale = u.unsqueeze(-2) * (grad.to(Z.dtype)[..., None, None] * inv_scale).mul_(2.0 / Z.shape[-1])
+            Y = Y.addcmul_(Z, g, value=-1.0).mul_(column_scale)  # (Z G - Z diag(g)) U, times the chain factors
             return Y.sub_(Y.mean(dim=-2, keepdim=True)), None  # the centering's backward
 
 
@@ -111,5 +118,5 @@ def correlation_logdet(A: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
         raise ValueError(f"correlation_logdet needs float32 or float64 input, got {A.dtype}; cast it first.")
     if A.shape[-2] < A.shape[-1]:
         raise ValueError(f"correlation_logdet needs m >= r rows, got shape {tuple(A.shape)}; transpose it.")
-    with torch.autocast(device_type=A.device.type, enabled=False):
+    with _no_autocast(A.device.type):
         return _CorrelationLogDet.apply(A, eps)

@@ -156,14 +156,13 @@ def log_volume(W: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """
     if W.dim() < 2:
         raise ValueError(f"log_volume needs a matrix (..., out, in), got shape {tuple(W.shape)}.")
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=W.device.type, enabled=False):
-        A = W.to(dtype)
-        if A.shape[-2] < A.shape[-1]:
-            A = A.transpose(-1, -2)
-        batch, (m, r) = A.shape[:-2], A.shape[-2:]
-        flat = A if A.dim() == 3 else A.reshape(-1, m, r)
-        return correlation_logdet(flat, eps).reshape(batch)
+    A = W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    if A.shape[-2] < A.shape[-1]:
+        A = A.transpose(-1, -2)
+    if A.dim() == 3:
+        return correlation_logdet(A, eps)  # autocast is switched off inside
+    batch, (m, r) = A.shape[:-2], A.shape[-2:]
+    return correlation_logdet(A.reshape(-1, m, r), eps).reshape(batch)
 
 
 def _as_named(matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
