@@ -56,9 +56,11 @@ class SpectralVolumeConfig(TrainingArguments):
 
         ntk_probe_size (`int`, *optional*, defaults to `64`):
             Number P of validation examples in the fixed NTK probe set (drawn once with `seed`).
-        ntk_interval_steps (`int`, *optional*, defaults to `50`):
+        ntk_interval_steps (`int`, *optional*, defaults to `100`):
             Measure the NTK every this many optimizer steps (also at init, snapshot epochs and the
-            end); `0` keeps only those.
+            end); `0` keeps only those. One measurement on 64 probes costs about 4 training steps of
+            the default recipe model on CPU, so 100 keeps the tracker near 4% of training time
+            (docs/benchmarks.md); it costs more, relative to a step, for larger models.
         ntk_max_block_mb (`float`, *optional*, defaults to `256`):
             Cap on one Jacobian block (P x parameters) in MiB, and on the estimated working set of one
             vectorized Jacobian call (at least 64 MiB); bounds NTK memory on large models (about 1 GiB on
@@ -106,7 +108,7 @@ class SpectralVolumeConfig(TrainingArguments):
     ntk_window: int = field(default=2, metadata={"help": "Lazy NTK measurements before lambda is raised."})
     ntk_lambda_growth: float = field(default=1.5, metadata={"help": "Factor by which lambda is raised while lazy."})
     ntk_probe_size: int = field(default=64, metadata={"help": "Number of validation examples in the NTK probe."})
-    ntk_interval_steps: int = field(default=50, metadata={"help": "NTK measurement interval in steps (0: off)."})
+    ntk_interval_steps: int = field(default=100, metadata={"help": "NTK measurement interval in steps (0: off)."})
     ntk_max_block_mb: float = field(default=256, metadata={"help": "Max MiB of one Jacobian block."})
     ntk_example_chunk_size: int = field(
         default=64, metadata={"help": "Most probe examples per vmap(jacrev) call (fewer if memory needs it)."}
