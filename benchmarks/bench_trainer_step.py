@@ -1,0 +1,145 @@
+"""(1) Training step time: SpectralVolumeTrainer with the penalty on every optimizer step / plain Trainer.
+
+The model, data and training arguments are the default recipe's (`recipes/configs/majority_default.yaml`:
+2-block GPT-2 of width 64, batch 32, 22 tokens). Three variants train side by side in one process, in
+rounds of `ntk_interval_steps` optimizer steps (75 in the recipe), each round with a fresh model (same seed)
+and a fresh trainer, rotating the order of the variants from round to round:
+
+* `plain`: `transformers.Trainer` (no penalty, no tracker);
+* `penalty`: `SpectralVolumeTrainer`, lambda > 0 on every step of the round, tracker off (`track_ranks=False`):
+  the pure cost of the penalty;
+* `tracked`: the same with the default tracker on (ranks and NTK every 75 steps, ranks at epoch ends).
+
+A step's time runs from one `on_step_begin` to the next (the last step: to its `on_step_end`), so it
+includes data loading, the optimizer, callbacks and logging. The first `skip` steps of a round are warm-up.
+`penalty` / `plain` compares step-time medians; the tracker's cost is periodic, so `tracked` is compared
+by mean step time (amortized over whole rounds, each of which holds one interval measurement). Both wall
+time and process CPU time are recorded: on a shared machine the CPU time of a single-threaded run is the
+steadier measure (time spent descheduled does not count), wall time is what a user waits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from functools import lru_cache
+
+from timing import repo_root, summarize
+
+RECIPE = os.path.join("recipes", "configs", "majority_default.yaml")
+
+
+@lru_cache(maxsize=1)
+def default_recipe():
+    """Parsed default recipe, tokenized data, tokenizer and answer ids (built once per process)."""
+    import data_builders
+    from hf_specvol.cli import RecipeParser
+    from hf_specvol.config import SpectralVolumeConfig
+    from hf_specvol.models import ModelArguments, load_tokenizer
+    from hf_specvol.pipeline import BooleanTaskArguments, build_dataset
+
+    parser = RecipeParser((BooleanTaskArguments, ModelArguments, SpectralVolumeConfig))
+    task_args, model_args, training_args = parser.parse_args_and_config(
+        ["--config", os.path.join(repo_root(), RECIPE), "--output_dir", os.path.join(repo_root(), "outputs", "bench")])
+    tokenizer = load_tokenizer(model_args, data_builders.build_bit_tokenizer())
+    data = data_builders.tokenize_for_causal_lm(build_dataset(task_args), tokenizer)
+    return task_args, model_args, training_args, data, tokenizer, data_builders.answer_token_ids(tokenizer)
+
+
+def build_model(seed: int = 0):
+    import torch
+
+    from hf_specvol.models import build_causal_lm
+
+    _, model_args, _, data, tokenizer, _ = default_recipe()
+    torch.manual_seed(seed)
+    return build_causal_lm(model_args, tokenizer, len(data["train"][0]["input_ids"]))
+
+
+def _clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Wall-clock and process CPU time of every optimizer step."""
+
+        def __init__(self):
+            self.begins, self.last_end = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begins.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last_end = (time.perf_counter(), time.process_time())
+
+        def durations(self) -> list[tuple[float, float]]:
+            ends = [*self.begins[1:], self.last_end]
+            return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.begins, ends)]
+
+    return StepClock()
+
+
+def train_round(variant: str, steps: int):
+    """Train `steps` optimizer steps of one variant; returns per-step durations (s)."""
+    from transformers import Trainer, default_data_collator
+
+    from hf_specvol.trainer import SpectralVolumeTrainer
+
+    _, _, training_args, data, tokenizer, answer_ids = default_recipe()
+    steps_per_epoch = len(data["train"]) // training_args.per_device_train_batch_size + (
+        len(data["train"]) % training_args.per_device_train_batch_size > 0)
+    common = dict(max_steps=steps, eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+                  spectral_expansion_epochs=steps / steps_per_epoch, spectral_decay_epochs=0.0)
+    model = build_model()
+    clock = _clock()
+    if variant == "plain":
+        args = dataclasses.replace(training_args, **common, spectral_volume_coef=0.0, track_ranks=False)
+        trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=default_data_collator)
+    else:
+        args = dataclasses.replace(training_args, **common, track_ranks=variant == "tracked")
+        trainer = SpectralVolumeTrainer(model=model, args=args, train_dataset=data["train"],
+                                        eval_dataset=data["validation"], data_collator=default_data_collator,
+                                        processing_class=tokenizer, answer_ids=answer_ids)
+    trainer.add_callback(clock)  # last, so a step's time includes the tracker's on_step_end
+    trainer.train()
+    if variant != "plain":
+        lambdas = [lam for _, lam in trainer.tracker.lambda_history]
+        if not all(lam > 0 for lam in lambdas):
+            raise RuntimeError(f"the penalty was off on some steps of the benchmark: {lambdas}")
+    return clock.durations()
+
+
+def run(quick: bool = False) -> dict:
+    _, _, training_args, *_ = default_recipe()
+    steps = training_args.ntk_interval_steps or 75
+    rounds, skip = (2, 5) if quick else (6, 5)
+    variants = ["plain", "penalty", "tracked"]
+    train_round("penalty", 10)  # warm-up: imports, allocator, first NTK-free step
+    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    for i in range(rounds):
+        for variant in variants[i % 3:] + variants[: i % 3]:
+            samples[variant].extend(train_round(variant, steps)[skip:])
+    result = {"model": "recipe default: GPT-2 2 blocks, width 64, batch 32, 22 tokens",
+              "rounds": rounds, "steps_per_round": steps, "warmup_steps_per_round": skip}
+    for clock, index in (("wall", 0), ("cpu", 1)):
+        stats = {}
+        for variant, pairs in samples.items():
+            values = [p[index] for p in pairs]
+            stats[variant] = {**summarize(values), "mean_s": statistics.fmean(values)}
+            del stats[variant]["samples_s"]
+        result[clock] = {
+            "steps": stats,
+            "penalty_over_plain": stats["penalty"]["median_s"] / stats["plain"]["median_s"],
+            "tracked_over_plain_mean": stats["tracked"]["mean_s"] / stats["plain"]["mean_s"],
+            "tracker_share_of_wall_time": 1.0 - stats["penalty"]["mean_s"] / stats["tracked"]["mean_s"],
+        }
+    result["target_penalty_over_plain"] = 1.10
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
