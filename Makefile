@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-run: setup  ## the main job: train_majority.py with its defaults (~3 min on 2 CPU cores)
+run: setup  ## the main job: train_majority.py with its defaults (~30 s of training on 2 CPU cores, after a ~2 min first install)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		recipes/train_majority.py $(ARGS)
 
@@ -31,8 +31,8 @@ study: setup  ## the study (recipes/configs/study_default.yaml; ~35-60 min on 2 
 study-quick: setup  ## smoke test of the study machinery (~1 min)
 	$(PY) recipes/run_study.py --config recipes/configs/study_quick.yaml $(ARGS)
 
-bench: setup
-	$(PY) benchmarks/run_all.py
+bench: setup  ## timing / memory benchmarks, not part of CI (docs/benchmarks.md); e.g. ARGS="--quick --threads 1"
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check hf_specvol data_builders recipes tests benchmarks

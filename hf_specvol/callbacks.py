@@ -26,7 +26,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .controller import build_controller, controller_from_state
+from .controller import build_controller, controller_from_state, lazy_to_rich_step
 from .ntk import empirical_ntk, ntk_statistics
 from .spectral import layer_statistics, weight_matrices
 
@@ -94,6 +94,7 @@ class RankTrackingCallback(TrainerCallback, ExportableState):
         self.expansion_steps = 0
         self.decay_steps = 0
         self.pending_logs: dict = {}
+        self.transition_thresholds = (0.05, 0.05)  # (kernel distance, alignment gain), from the config
         self._epoch_end_step: int | None = None
 
     # --- wiring -------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class RankTrackingCallback(TrainerCallback, ExportableState):
 
     # --- hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.transition_thresholds = (args.ntk_distance_threshold, args.ntk_alignment_threshold)
         if self.controller_state is not None:
             self.controller = controller_from_state(self.controller_state)
         else:
@@ -222,6 +224,8 @@ class RankTrackingCallback(TrainerCallback, ExportableState):
             "final": self.rank_history[-1] if self.rank_history else None,
             "ntk_init": self.ntk_history[0] if self.ntk_history else None,
             "ntk_final": self.ntk_history[-1] if self.ntk_history else None,
+            # the controller's lazy -> rich rule applied to the measured kernels, whatever the schedule
+            "ntk_transition_step": lazy_to_rich_step(self.ntk_history, *self.transition_thresholds),
             "lambda": self.lambda_summary(),
         }
 

@@ -1,7 +1,8 @@
 """Argument parsing for the recipes: dataclasses from the command line with YAML defaults.
 
 Rules: `--config recipe.yaml` supplies defaults; anything given on the command line wins; a key
-that no dataclass knows, in the YAML or on the command line, is an error that names it.
+that no dataclass knows, in the YAML or on the command line, is an error that names it; an invalid
+value is reported as one `error:` line (exit status 2) before anything runs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ class RecipeParser(HfArgumentParser):
         config_path = pre.parse_known_args(args)[0].config
         if config_path is not None:
             self.set_defaults(**self._read_yaml(config_path))
-        outputs = self.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+        try:
+            outputs = self.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+        except ValueError as err:  # a field's validation: one clear message, no traceback, nothing written
+            self.exit(2, f"{self.prog}: error: {err}\n")
         return outputs[:-1]  # the last output is the namespace holding only `config`
 
     def _read_yaml(self, path: str) -> dict:

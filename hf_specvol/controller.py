@@ -120,6 +120,17 @@ class NTKFeedbackController(_Serialisable):
                              "lambda": self.value(step)})
 
 
+def lazy_to_rich_step(ntk_history: list[dict], distance_threshold: float, alignment_threshold: float):
+    """Step of the first NTK measurement whose distance from init >= `distance_threshold` or whose alignment
+    gained >= `alignment_threshold` over its initial value: the `NTKFeedbackController`'s transition rule,
+    applied to any recorded trajectory (`[{"step", "distance", "alignment"}, ...]`); `None` if it never moved."""
+    if not ntk_history:
+        return None
+    a0 = ntk_history[0]["alignment"]
+    return next((h["step"] for h in ntk_history if h["distance"] >= distance_threshold
+                 or h["alignment"] - a0 >= alignment_threshold), None)
+
+
 def build_controller(args, expansion_steps: int, decay_steps: int):
     """The controller named by `args.spectral_schedule` (a `SpectralVolumeConfig`), in optimizer steps."""
     if args.spectral_schedule == "fixed":

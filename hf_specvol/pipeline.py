@@ -17,6 +17,7 @@ from datasets import load_from_disk
 from transformers import default_data_collator, set_seed
 
 import data_builders
+from data_builders.boolean import validate_task_args
 
 from .callbacks import _write_json
 from .config import SpectralVolumeConfig
@@ -44,7 +45,7 @@ class BooleanTaskArguments:
     """
 
     task: str = field(default="majority", metadata={"help": "Boolean task: majority or parity.", "choices": TASKS})
-    n_bits: int = field(default=20, metadata={"help": "Number of input bits n."})
+    n_bits: int = field(default=21, metadata={"help": "Number of input bits n (odd: full majority has no ties)."})
     k: int | None = field(default=None, metadata={"help": "Support size k (default n: the full function)."})
     tie: str | None = field(default=None, metadata={"help": "Tie rule for even-k majority: one | drop."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the support set and the splits."})
@@ -56,6 +57,10 @@ class BooleanTaskArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} is unknown; use one of {TASKS}.")
+        if self.dataset_path is None:  # fail at parse time, not after the model is built
+            sizes = {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
+            k = self.n_bits if self.k is None else self.k
+            validate_task_args(self.task, self.n_bits, k, seed=self.dataset_seed, sizes=sizes, tie=self.tie)
 
 
 def build_dataset(task_args: BooleanTaskArguments):
@@ -183,9 +188,12 @@ def format_report(results: dict) -> str:
             lines.append(f"NTK at {label:<4} (step {ntk['step']:>5}): effective rank {ntk['erank']:.2f}  "
                          f"alignment {ntk['alignment']:.4f}  distance from init {ntk['distance']:.4f}")
     lam = report["lambda"]
+    controller_step = ("n/a (fixed schedule)" if lam["schedule"] == "FixedSchedule"
+                       else lam["transition_step"])
     lines.append(f"lambda ({lam['schedule']}): max {lam['max']:.4g}, mean {lam['mean']:.4g}, "
-                 f"on for {lam['steps_with_penalty']} steps (last at {lam['last_positive_step']}), "
-                 f"lazy->rich transition step: {lam['transition_step']}")
+                 f"on for {lam['steps_with_penalty']} steps (last at {lam['last_positive_step']}); "
+                 f"lazy->rich transition: kernel moved at step {report.get('ntk_transition_step')}, "
+                 f"controller step {controller_step}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from .controller import lazy_to_rich_step
+
 logger = logging.getLogger(__name__)
 
 RUNS = "runs.jsonl"
@@ -169,16 +171,6 @@ def split_settings(settings: dict):
 # --- one run -> one record ---------------------------------------------------------------------------
 def _first_step_at(history: list[dict], threshold: float) -> int | None:
     return next((h["step"] for h in history if h["accuracy"] >= threshold), None)
-
-
-def lazy_to_rich_step(ntk_history: list[dict], distance_threshold: float, alignment_threshold: float):
-    """First NTK measurement whose distance from init >= threshold or whose alignment gained >= threshold
-    over its initial value (the controller's rule, applied to every method's trajectory)."""
-    if not ntk_history:
-        return None
-    a0 = ntk_history[0]["alignment"]
-    return next((h["step"] for h in ntk_history if h["distance"] >= distance_threshold
-                 or h["alignment"] - a0 >= alignment_threshold), None)
 
 
 def _subsample(rows: list, limit: int = 200) -> list:

@@ -73,3 +73,16 @@ def test_bad_model_arguments(kwargs, field):
 def test_unknown_task():
     with pytest.raises(ValueError, match="task"):
         BooleanTaskArguments(task="xor")
+
+
+def test_invalid_value_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args_and_config(["--spectral_volume_coef", "-1", "--num_train_epochs", "5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "spectral_volume_coef=-1" in err and "Traceback" not in err
+
+
+def test_impossible_task_fails_at_parse_time():
+    with pytest.raises(ValueError, match="train_size"):
+        BooleanTaskArguments(n_bits=4, k=3, train_size=20)  # only 16 strings of 4 bits

@@ -5,7 +5,13 @@ import json
 import pytest
 
 from hf_specvol.config import SpectralVolumeConfig
-from hf_specvol.controller import FixedSchedule, NTKFeedbackController, build_controller, controller_from_state
+from hf_specvol.controller import (
+    FixedSchedule,
+    NTKFeedbackController,
+    build_controller,
+    controller_from_state,
+    lazy_to_rich_step,
+)
 
 
 def test_fixed_schedule_window_then_linear_decay():
@@ -68,3 +74,12 @@ def test_build_controller_from_config(tmp_path):
 def test_unknown_state_type_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown controller state"):
         controller_from_state({"type": "Nope"})
+
+
+def test_lazy_to_rich_step_on_a_recorded_trajectory():
+    history = [{"step": 0, "distance": 0.0, "alignment": 0.30}, {"step": 10, "distance": 0.01, "alignment": 0.33},
+               {"step": 20, "distance": 0.02, "alignment": 0.36}, {"step": 30, "distance": 0.09, "alignment": 0.31}]
+    assert lazy_to_rich_step(history, 0.05, 0.05) == 20  # alignment gained 0.06 at step 20
+    assert lazy_to_rich_step(history, 0.05, 0.10) == 30  # then the distance 0.09 at step 30
+    assert lazy_to_rich_step(history, 0.50, 0.50) is None
+    assert lazy_to_rich_step([], 0.05, 0.05) is None

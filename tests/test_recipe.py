@@ -43,7 +43,7 @@ def test_train_majority_end_to_end(tmp_path):
     assert report["lambda"]["max"] > 0 and report["lambda"]["steps_with_penalty"] == 6  # 1 epoch of 6 steps
     # the printed report
     for needle in ("test accuracy", "train accuracy", "generalization gap", "layer-wise ranks at epoch 2",
-                   "NTK at init", "NTK at end", "lambda (FixedSchedule)"):
+                   "NTK at init", "NTK at end", "lambda (FixedSchedule)", "controller step n/a (fixed schedule)"):
         assert needle in proc.stdout, needle
     card = (out / "README.md").read_text()
     assert "test accuracy" in card and "spectral_volume_coef" in card
