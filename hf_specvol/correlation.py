@@ -13,10 +13,11 @@ g_j = (G R)_jj (the diagonal terms come from u depending on S_jj):
     dvalue/dS = U (G - diag(g)) U / r,
     dvalue/dA = (2 / r) * center_columns((Z G - Z diag(g)) U),   g = colsum(Z G * Z),
 
-where Z G comes from the Cholesky factor (two triangular solves, or the explicit inverse when m >= 2 r or
-r is small). A forward plus backward thus costs two m x r x r products (the Gram matrix and Z G) plus
-O(r^3) for the factor; autograd through the same formula costs three products plus the Cholesky backward
-and keeps many m x r intermediates alive. Only Z, the factor and two small vectors are saved.
+with G = M^-1 from the Cholesky factor and one product Z (G - diag(g)) U (or, for square matrices with
+r > 128, two triangular solves for Z G). A forward plus backward thus costs two m x r x r products (the
+Gram matrix and the gradient) plus O(r^3) for the factor and the inverse; autograd through the same
+formula costs three products plus the Cholesky backward and keeps many m x r intermediates alive. Only Z,
+the factor and three small vectors are saved.
 """
 
 from __future__ import annotations
@@ -34,33 +35,36 @@ VAR_FLOOR = {torch.float32: 1e-10, torch.float64: 1e-24}
 _CHOLESKY_TRIES = 4
 
 
-def _factorize(M: torch.Tensor, eps: float) -> torch.Tensor:
-    """Cholesky factor of M (batch of r x r, modified in place), retried with growing jitter where it fails."""
+def _factorize(M: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor of M (batch of r x r, modified in place), retried with growing jitter where it fails.
+
+    Returns the factor and the ridge actually on the diagonal of every matrix (eps plus any jitter), `(B,)`.
+    """
     r, dtype = M.shape[-1], M.dtype
     L, info = torch.linalg.cholesky_ex(M)
+    ridge = torch.full(info.shape, eps, dtype=dtype, device=M.device)
     base = max(eps, r * torch.finfo(dtype).eps)
     for j in range(1, _CHOLESKY_TRIES + 1):
         if not bool(info.any()):
             break
         # The last try adds 1.0: R + I has eigenvalues >= 1 and always factorizes.
         jitter = 1.0 if j == _CHOLESKY_TRIES else base * 10.0**j
-        M.diagonal(dim1=-2, dim2=-1).add_(jitter * (info != 0).to(dtype)[..., None])
+        added = jitter * (info != 0).to(dtype)
+        M.diagonal(dim1=-2, dim2=-1).add_(added[..., None])
+        ridge += added
         L, info = torch.linalg.cholesky_ex(M)
-    return L
+    return L, ridge
 
 
-def _times_inverse(Z: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Z G with G = (L L^T)^-1, for Z of shape (B, m, r).
+def _use_explicit_inverse(m: int, r: int) -> bool:
+    """Whether the backward forms G = M^-1 (about r^3 multiply-adds) rather than solving with L.
 
     Two triangular solves cost m r^2 multiply-adds but run at about half the speed of a matrix product on
-    CPU (and far slower for small r); the explicit inverse costs about r^3 more. The inverse wins when
-    m >= 2 r or r is small, the solves for square matrices (measured on CPU, see docs/benchmarks.md).
+    CPU (and far slower for small r), and need two more passes over m x r arrays; with G in hand the whole
+    gradient is one matrix product. The inverse wins when m >= 2 r or r is small, the solves for square
+    matrices (measured on CPU, see docs/benchmarks.md).
     """
-    m, r = Z.shape[-2], Z.shape[-1]
-    if r <= 128 or m >= 2 * r:
-        return Z @ torch.cholesky_inverse(L)
-    Y = torch.linalg.solve_triangular(L.mT, Z, upper=True, left=False)
-    return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
+    return r <= 128 or m >= 2 * r
 
 
 def _no_autocast(device_type: str):
@@ -83,21 +87,32 @@ class _CorrelationLogDet(torch.autograd.Function):
         u = torch.where(sq > floor, sq.rsqrt(), 0.0)
         M = S.mul_(u.unsqueeze(-1)).mul_(u.unsqueeze(-2))  # R, in place of S
         M.diagonal(dim1=-2, dim2=-1).add_(eps)
-        L = _factorize(M, eps)
+        L, ridge = _factorize(M, eps)
         Z = C.mul_(u.unsqueeze(-2))  # C is not needed any more
-        ctx.save_for_backward(Z, L, u, inv_scale)
+        ctx.save_for_backward(Z, L, u, inv_scale, ridge)
         return L.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1).mul_(2.0 / r)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        Z, L, u, inv_scale = ctx.saved_tensors
+        Z, L, u, inv_scale, ridge = ctx.saved_tensors
+        m, r = Z.shape[-2], Z.shape[-1]
         with _no_autocast(Z.device.type):
-            Y = _times_inverse(Z, L)
-            g = torch.linalg.vecdot(Y, Z, dim=-2).unsqueeze_(-2)  # g_j = (G R)_jj
-            column_scale = u.unsqueeze(-2) * (grad.to(Z.dtype)[..., None, None] * inv_scale).mul_(2.0 / Z.shape[-1])
-            Y = Y.addcmul_(Z, g, value=-1.0).mul_(column_scale)  # (Z G - Z diag(g)) U, times the chain factors
-            return Y.sub_(Y.mean(dim=-2, keepdim=True)), None  # the centering's backward
+            # dvalue/dA = (2 / r) * center_columns(Z (G - diag(g)) U), times grad and 1 / scale
+            column_scale = u * (grad.to(Z.dtype)[..., None] * inv_scale[..., 0] * (2.0 / r))
+            if _use_explicit_inverse(m, r):
+                G = torch.cholesky_inverse(L)
+                diag = G.diagonal(dim1=-2, dim2=-1)
+                diag.sub_(1.0 - ridge[..., None] * diag)  # g_j = (G R)_jj = 1 - ridge * G_jj, as R = M - ridge I
+                H = G.mul_(column_scale.unsqueeze(-2))
+                # one product; Z's columns have zero mean, so centering the result only removes round-off
+                product = torch.baddbmm if Z.dim() == 3 else torch.addmm
+                return product(-(Z.mean(dim=-2, keepdim=True) @ H), Z, H), None
+            Y = torch.linalg.solve_triangular(L.mT, Z, upper=True, left=False)
+            Y = torch.linalg.solve_triangular(L, Y, upper=False, left=False)  # Z G
+            g = torch.linalg.vecdot(Y, Z, dim=-2).unsqueeze_(-2)  # g_j = (G R)_jj, R = Z^T Z
+            Y = Y.addcmul_(Z, g, value=-1.0).mul_(column_scale.unsqueeze(-2))
+            return Y.sub_(Y.mean(dim=-2, keepdim=True)), None
 
 
 def correlation_logdet(A: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

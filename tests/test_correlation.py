@@ -72,3 +72,35 @@ def test_rejects_wide_or_integer_input():
         correlation_logdet(torch.randn(2, 5))
     with pytest.raises(ValueError, match="float32 or float64"):
         correlation_logdet(torch.ones(5, 2, dtype=torch.int64))
+
+
+def test_square_wide_matrix_uses_triangular_solves_and_matches_oracle():
+    # r > 128 and m < 2 r: the backward solves with the Cholesky factor instead of forming the inverse.
+    from hf_specvol.correlation import _use_explicit_inverse
+
+    W = torch.randn(150, 130, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
+    assert not _use_explicit_inverse(150, 130) and _use_explicit_inverse(300, 130)
+    value = log_volume(W)
+    (grad,) = torch.autograd.grad(value, W)
+    expected_value, expected_grad = oracle_grad(W)
+    assert float(value.detach()) == pytest.approx(float(expected_value), rel=1e-10)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10 * float(expected_grad.abs().max()))
+
+
+@pytest.mark.parametrize("rows", [30, 6])
+def test_gradient_after_jitter_retry_is_that_of_the_returned_value(rows):
+    # eps = -0.5 makes R + eps I indefinite: the factorization fails until the last retry adds 1.0, so the
+    # returned value is logdet(R + ridge I) / r with ridge = -0.5 + the jitters; its gradient must follow.
+    g = torch.Generator().manual_seed(6)
+    # correlated columns: R has eigenvalues far below 0.5
+    A = (torch.randn(rows, 1, generator=g, dtype=torch.float64)
+         + 0.1 * torch.randn(rows, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    value = correlation_logdet(A, eps=-0.5)
+    (grad,) = torch.autograd.grad(value, A)
+    base = 6 * torch.finfo(torch.float64).eps
+    ridge = -0.5 + sum(base * 10.0**j for j in range(1, 4)) + 1.0
+    A64 = A.detach().clone().requires_grad_()
+    expected = torch.logdet(torch.corrcoef(A64.T) + ridge * torch.eye(6, dtype=torch.float64)) / 6
+    (expected_grad,) = torch.autograd.grad(expected, A64)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
