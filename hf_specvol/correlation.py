@@ -74,29 +74,39 @@ def _no_autocast(device_type: str):
 
 class _CorrelationLogDet(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, A: torch.Tensor, eps: float, rows: torch.Tensor | None) -> torch.Tensor:
         m, r = A.shape[-2], A.shape[-1]
         # The value is scale invariant; dividing by the largest entry keeps tiny / huge scales finite.
         scale = torch.maximum(A.amax(dim=(-2, -1), keepdim=True), A.amin(dim=(-2, -1), keepdim=True).neg_())
         inv_scale = scale.clamp_min_(torch.finfo(A.dtype).tiny).reciprocal_()  # an all-zero A stays zero
-        C = torch.sub(A, A.mean(dim=-2, keepdim=True)).mul_(inv_scale)
+        if rows is None:
+            C = torch.sub(A, A.mean(dim=-2, keepdim=True)).mul_(inv_scale)
+            floor = VAR_FLOOR[A.dtype] * max(m - 1, 1)
+        else:  # matrix b has rows[b] rows; the rest is zero padding, kept at zero after centering
+            count = rows.to(A.dtype)[:, None, None]
+            valid = torch.arange(m, device=A.device)[None, :, None] < rows[:, None, None]
+            C = torch.sub(A, A.sum(dim=-2, keepdim=True) / count).mul_(inv_scale * valid)
+            floor = VAR_FLOOR[A.dtype] * (count[..., 0] - 1).clamp_min(1)
         S = C.mT @ C
         # dead coordinate: variance S_jj / (m - 1) below the floor; u_j = 0 gives it a zero row / column
-        floor = VAR_FLOOR[A.dtype] * max(m - 1, 1)
         sq = S.diagonal(dim1=-2, dim2=-1)
         u = torch.where(sq > floor, sq.rsqrt(), 0.0)
         M = S.mul_(u.unsqueeze(-1)).mul_(u.unsqueeze(-2))  # R, in place of S
         M.diagonal(dim1=-2, dim2=-1).add_(eps)
         L, ridge = _factorize(M, eps)
         Z = C.mul_(u.unsqueeze(-2))  # C is not needed any more
-        ctx.save_for_backward(Z, L, u, inv_scale, ridge)
+        ctx.save_for_backward(Z, L, u, inv_scale, ridge, None if rows is None else count)
         return L.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1).mul_(2.0 / r)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        Z, L, u, inv_scale, ridge = ctx.saved_tensors
+        Z, L, u, inv_scale, ridge, count = ctx.saved_tensors
         m, r = Z.shape[-2], Z.shape[-1]
+
+        def column_mean(X):  # over the valid rows; padded rows of Z and Z G are zero
+            return X.mean(dim=-2, keepdim=True) if count is None else X.sum(dim=-2, keepdim=True) / count
+
         with _no_autocast(Z.device.type):
             # dvalue/dA = (2 / r) * center_columns(Z (G - diag(g)) U), times grad and 1 / scale
             column_scale = u * (grad.to(Z.dtype)[..., None] * inv_scale[..., 0] * (2.0 / r))
@@ -107,15 +117,15 @@ class _CorrelationLogDet(torch.autograd.Function):
                 H = G.mul_(column_scale.unsqueeze(-2))
                 # one product; Z's columns have zero mean, so centering the result only removes round-off
                 product = torch.baddbmm if Z.dim() == 3 else torch.addmm
-                return product(-(Z.mean(dim=-2, keepdim=True) @ H), Z, H), None
+                return product(-(column_mean(Z) @ H), Z, H), None, None
             Y = torch.linalg.solve_triangular(L.mT, Z, upper=True, left=False)
             Y = torch.linalg.solve_triangular(L, Y, upper=False, left=False)  # Z G
             g = torch.linalg.vecdot(Y, Z, dim=-2).unsqueeze_(-2)  # g_j = (G R)_jj, R = Z^T Z
             Y = Y.addcmul_(Z, g, value=-1.0).mul_(column_scale.unsqueeze(-2))
-            return Y.sub_(Y.mean(dim=-2, keepdim=True)), None
+            return Y.sub_(column_mean(Y)), None, None
 
 
-def correlation_logdet(A: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def correlation_logdet(A: torch.Tensor, eps: float = 1e-4, rows: torch.Tensor | None = None) -> torch.Tensor:
     """logdet(R + eps * I) / r of the correlation R of A's columns, for a batch of upright matrices.
 
     Args:
@@ -123,15 +133,23 @@ def correlation_logdet(A: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
             float32 or float64; m rows (samples) of r coordinates; may be a transposed view.
         eps (`float`, *optional*, defaults to `1e-4`):
             Ridge added to R.
+        rows (`torch.Tensor` of shape `(B,)`, *optional*):
+            Number of rows of each matrix when matrices with different row counts (and the same r) share
+            one batch: matrix b is `A[b, :rows[b]]` and the rows below are zero padding. The Gram matrix
+            of zero rows is zero, so padding changes nothing but the cost. Requires a 3-D `A`.
 
     Returns:
-        `torch.Tensor` of shape `(B,)` or `()`, differentiable (first order) with respect to A. A dead
-        coordinate (variance below `VAR_FLOOR` times the squared largest entry) has a zero row and column in
-        R and zero gradient; matrices that still fail to factorize get extra jitter (see `log_volume`).
+        `torch.Tensor` of shape `(B,)` or `()`, differentiable (first order) with respect to A (on padding
+        rows the gradient is round-off, for the padding's own backward to drop). A dead coordinate
+        (variance below `VAR_FLOOR` times the squared largest entry) has a zero row and column in R and zero
+        gradient; matrices that still fail to factorize get extra jitter (see `log_volume`).
     """
     if A.dtype not in VAR_FLOOR:
         raise ValueError(f"correlation_logdet needs float32 or float64 input, got {A.dtype}; cast it first.")
     if A.shape[-2] < A.shape[-1]:
         raise ValueError(f"correlation_logdet needs m >= r rows, got shape {tuple(A.shape)}; transpose it.")
+    if rows is not None and (A.dim() != 3 or rows.shape != A.shape[:1]):
+        raise ValueError(f"rows needs shape ({A.shape[0]},) for a (B, m, r) batch; got {tuple(rows.shape)} for "
+                         f"A of shape {tuple(A.shape)}.")
     with _no_autocast(A.device.type):
-        return _CorrelationLogDet.apply(A, eps)
+        return _CorrelationLogDet.apply(A, eps, rows)

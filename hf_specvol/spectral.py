@@ -176,20 +176,50 @@ def _oriented(w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return w if w.shape == shape else w.t()
 
 
+# Extra multiply-adds (Gram matrix and gradient of the zero rows) below which matrices of one width but
+# different heights share one padded call: about what a separate call's fixed cost buys on a CPU core.
+_PADDING_BUDGET_MACS = 2**22
+
+
+def _stack(named: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """Stack same-shape matrices in the storage orientation of the first one (a contiguous copy)."""
+    first = named[names[0]]
+    target = first.shape if first.is_contiguous() or not first.t().is_contiguous() else first.t().shape
+    return torch.stack([_oriented(named[n], target) for n in names])
+
+
 def _grouped_log_volumes(
     matrices: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], eps: float
 ) -> list[tuple[list[str], torch.Tensor]]:
-    """`(names, values)` per group of equal upright shape, dtype and device: one `log_volume` call each."""
+    """`(names, values)` per batched call: one `log_volume` call per upright shape, dtype and device.
+
+    Matrices of one width r whose heights differ share a single call instead, with their rows zero-padded to
+    the tallest (`correlation_logdet(..., rows=...)`), when the padding costs fewer than
+    `_PADDING_BUDGET_MACS` extra multiply-adds: small models then pay one set of fixed costs (Cholesky,
+    inverse, a few dozen tensor operations) per width instead of per shape; large ones never pad.
+    """
     named = _as_named(matrices)
-    groups: dict[tuple, list[str]] = {}
+    widths: dict[tuple, dict[int, list[str]]] = {}
     for name, w in named.items():
-        key = (max(w.shape), min(w.shape), w.dtype, w.device)
-        groups.setdefault(key, []).append(name)
+        key = (min(w.shape), w.dtype, w.device)
+        widths.setdefault(key, {}).setdefault(max(w.shape), []).append(name)
     out = []
-    for names in groups.values():
-        first = named[names[0]]
-        target = first.shape if first.is_contiguous() or not first.t().is_contiguous() else first.t().shape
-        out.append((names, log_volume(torch.stack([_oriented(named[n], target) for n in names]), eps=eps)))
+    for (r, dtype, _), by_height in widths.items():
+        tallest = max(by_height)
+        waste = sum((tallest - m) * len(names) for m, names in by_height.items()) * r * r
+        if len(by_height) == 1 or waste > _PADDING_BUDGET_MACS:
+            out.extend((names, log_volume(_stack(named, names), eps=eps)) for names in by_height.values())
+            continue
+        parts, rows, order = [], [], []
+        for m, names in by_height.items():
+            upright = _stack(named, names)
+            upright = upright if upright.shape[-2] == m else upright.transpose(-1, -2)
+            parts.append(torch.nn.functional.pad(upright, (0, 0, 0, tallest - m)))
+            rows += [m] * len(names)
+            order += names
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        rows_t = torch.tensor(rows, device=parts[0].device)
+        out.append((order, correlation_logdet(torch.cat(parts).to(work), eps, rows=rows_t)))
     return out
 
 

@@ -104,3 +104,57 @@ def test_gradient_after_jitter_retry_is_that_of_the_returned_value(rows):
     (expected_grad,) = torch.autograd.grad(expected, A64)
     assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_padded_batch_of_different_heights_matches_oracle_per_matrix():
+    g = torch.Generator().manual_seed(7)
+    heights = [9, 20, 6]
+    mats = [torch.randn(h, 6, generator=g, dtype=torch.float64) for h in heights]
+    A = torch.zeros(3, 20, 6, dtype=torch.float64)
+    for b, w in enumerate(mats):
+        A[b, : w.shape[0]] = w
+    A.requires_grad_()
+    upstream = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    values = correlation_logdet(A, EPS, rows=torch.tensor(heights))
+    (values * upstream).sum().backward()
+    for b, w in enumerate(mats):
+        expected_value, expected_grad = oracle_grad(w)
+        assert float(values[b].detach()) == pytest.approx(float(expected_value), rel=1e-10)
+        torch.testing.assert_close(A.grad[b, : heights[b]], upstream[b] * expected_grad, rtol=1e-8, atol=1e-12)
+        if heights[b] < 20:
+            assert A.grad[b, heights[b]:].abs().max() <= 1e-12 * A.grad[b].abs().max()  # round-off only
+
+
+def test_small_matrices_of_one_width_share_one_call_and_match_oracle(monkeypatch):
+    from hf_specvol import spectral
+
+    calls = []
+    original = spectral.correlation_logdet
+    monkeypatch.setattr(spectral, "correlation_logdet", lambda A, eps, rows=None: calls.append(A.shape) or
+                        original(A, eps, rows=rows))
+    g = torch.Generator().manual_seed(8)
+    # GPT-2-like: Conv1D weights stored (in, out) and applied transposed, plus one square matrix
+    leaves = {"qkv": (8, 24), "proj": (8, 8), "fc": (8, 32), "fc_proj": (32, 8)}
+    leaves = {k: torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for k, s in leaves.items()}
+    penalty = spectral_penalty({k: w.t() for k, w in leaves.items()})
+    assert calls == [(4, 32, 8)]  # one padded batch of the four heights 24, 8, 32, 32
+    penalty.backward()
+    for leaf in leaves.values():
+        w = leaf.detach().clone().requires_grad_()
+        expected = -autograd_log_volume(w.t()) / len(leaves)
+        (expected_grad,) = torch.autograd.grad(expected, w)
+        torch.testing.assert_close(leaf.grad, expected_grad, rtol=1e-8, atol=1e-12)
+    assert float(penalty.detach()) == pytest.approx(
+        -sum(float(autograd_log_volume(w.detach().t())) for w in leaves.values()) / 4, rel=1e-10)
+
+
+def test_large_padding_keeps_one_call_per_shape(monkeypatch):
+    from hf_specvol import spectral
+
+    shapes = []
+    original = spectral.log_volume
+    monkeypatch.setattr(spectral, "log_volume", lambda W, eps: shapes.append(tuple(W.shape)) or original(W, eps))
+    g = torch.Generator().manual_seed(9)
+    # width 64: padding 64 rows up to 2000 would cost 1936 * 64^2 = 7.9M extra multiply-adds, over the budget
+    spectral_penalty([torch.randn(64, 64, generator=g), torch.randn(2000, 64, generator=g)])
+    assert sorted(shapes) == [(1, 64, 64), (1, 2000, 64)]
