@@ -20,6 +20,7 @@ __all__ = [
     "effective_rank",
     "layer_statistics",
     "log_volume",
+    "matrix_scope",
     "log_volumes",
     "psd_effective_rank",
     "spectral_penalty",
@@ -83,15 +84,42 @@ def weight_matrices(
         >>> {k: tuple(v.shape) for k, v in mats.items()}
         ```
     """
+    return matrix_scope(model, include, exclude).views()
+
+
+class MatrixScope:
+    """Where the matrices in scope live: `(name, parameter, expert index or None, transpose)` per matrix.
+
+    Finding them walks every module; `views()` only slices and transposes the parameters, so a training
+    loop can find them once and take fresh views on every step (see `SpectralVolumeTrainer`).
+    """
+
+    def __init__(self, sources: list[tuple[str, torch.Tensor, int | None, bool]]):
+        self.sources = sources
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """name -> `(out, in)` view sharing storage and autograd history with its parameter."""
+        out = {}
+        for name, param, expert, transpose in self.sources:
+            w = param if expert is None else param[expert]
+            out[name] = w.t() if transpose else w
+        return out
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def matrix_scope(model: nn.Module, include: str | None = None, exclude: str | None = None) -> MatrixScope:
+    """The `MatrixScope` of `weight_matrices(model, include, exclude)` (same matrices, same order)."""
     skip = _embedding_param_ids(model)
     seen: set[int] = set()
-    found: dict[str, torch.Tensor] = {}
+    found: list[tuple[str, torch.Tensor, int | None, bool]] = []
 
     def add(name: str, param: torch.Tensor, transpose: bool) -> None:
         if id(param) in skip or id(param) in seen or param.dim() != 2:
             return
         seen.add(id(param))
-        found[name] = param.t() if transpose else param
+        found.append((name, param, None, transpose))
 
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -109,13 +137,11 @@ def weight_matrices(
                 if param.dim() != 3 or "bias" in p_name or id(param) in skip or id(param) in seen:
                     continue
                 seen.add(id(param))
-                for e in range(param.shape[0]):
-                    found[f"{prefix}{p_name}.{e}"] = param[e].t() if transpose else param[e]
-    return {
-        k: v
-        for k, v in found.items()
-        if (include is None or re.search(include, k)) and (exclude is None or not re.search(exclude, k))
-    }
+                found.extend((f"{prefix}{p_name}.{e}", param, e, transpose) for e in range(param.shape[0]))
+    return MatrixScope([
+        source for source in found
+        if (include is None or re.search(include, source[0])) and (exclude is None or not re.search(exclude, source[0]))
+    ])
 
 
 def log_volume(W: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

@@ -27,7 +27,7 @@ from transformers import Trainer
 from .callbacks import ProbeSet, RankTrackingCallback
 from .config import SpectralVolumeConfig
 from .model_card import model_card
-from .spectral import spectral_penalty, weight_matrices
+from .spectral import matrix_scope, spectral_penalty, weight_matrices
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class SpectralVolumeTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._attach_tracker()
+        self._matrix_scope = None  # found again on the first step: the model may have changed since
         return super().train(*args, **kwargs)
 
     def _load_callback_state(self) -> None:
@@ -220,8 +221,10 @@ class SpectralVolumeTrainer(Trainer):
             lam = self.tracker.lambda_at(self.state.global_step)
             self._metrics["spectral/lambda"].append(lam)
             if lam > 0:
-                matrices = weight_matrices(self.model, self.args.spectral_include, self.args.spectral_exclude)
-                penalty = spectral_penalty(matrices, eps=self.args.spectral_eps)
+                if getattr(self, "_matrix_scope", None) is None:  # walk the modules once per train()
+                    self._matrix_scope = matrix_scope(self.model, self.args.spectral_include,
+                                                      self.args.spectral_exclude)
+                penalty = spectral_penalty(self._matrix_scope.views(), eps=self.args.spectral_eps)
                 if torch.isfinite(penalty):
                     loss = loss + (lam * self._penalty_scale(num_items_in_batch)) * penalty.to(loss.dtype)
                     self._metrics["spectral/penalty"].append(penalty.detach())  # no device sync here
