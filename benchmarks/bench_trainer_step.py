@@ -12,8 +12,9 @@ and a fresh trainer, rotating the order of the variants from round to round:
 
 A step's time runs from one `on_step_begin` to the next (the last step: to its `on_step_end`), so it
 includes data loading, the optimizer, callbacks and logging. The first `skip` steps of a round are warm-up.
-`penalty` / `plain` compares step-time medians; the tracker's cost is periodic, so `tracked` is compared
-by mean step time (amortized over whole rounds, each of which holds one interval measurement). Both wall
+`penalty` / `plain` compares step-time medians, round by round (the median over rounds of the ratio within
+a round, so that load drifting between rounds cancels); the tracker's cost is periodic, so `tracked` is
+compared by mean step time (amortized over whole rounds, each of which holds one interval measurement). Both wall
 time and process CPU time are recorded: on a shared machine the CPU time of a single-threaded run is the
 steadier measure (time spent descheduled does not count), wall time is what a user waits.
 """
@@ -113,27 +114,36 @@ def train_round(variant: str, steps: int):
 def run(quick: bool = False) -> dict:
     _, _, training_args, *_ = default_recipe()
     steps = training_args.ntk_interval_steps or 75
-    rounds, skip = (2, 5) if quick else (6, 5)
+    rounds, skip = (2, 5) if quick else (8, 5)
     variants = ["plain", "penalty", "tracked"]
     train_round("penalty", 10)  # warm-up: imports, allocator, first NTK-free step
-    samples: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    per_round: list[dict[str, list[tuple[float, float]]]] = []
     for i in range(rounds):
+        per_round.append({})
         for variant in variants[i % 3:] + variants[: i % 3]:
-            samples[variant].extend(train_round(variant, steps)[skip:])
+            per_round[-1][variant] = train_round(variant, steps)[skip:]
     result = {"model": "recipe default: GPT-2 2 blocks, width 64, batch 32, 22 tokens",
               "rounds": rounds, "steps_per_round": steps, "warmup_steps_per_round": skip}
     for clock, index in (("wall", 0), ("cpu", 1)):
         stats = {}
-        for variant, pairs in samples.items():
-            values = [p[index] for p in pairs]
+        for variant in variants:
+            values = [p[index] for r in per_round for p in r[variant]]
             stats[variant] = {**summarize(values), "mean_s": statistics.fmean(values)}
             del stats[variant]["samples_s"]
+
+        def paired(a: str, b: str, reduce, index=index) -> float:
+            """Median over rounds of reduce(a) / reduce(b) within the round: robust to load that drifts."""
+            return statistics.median(reduce([p[index] for p in r[a]]) / reduce([p[index] for p in r[b]])
+                                     for r in per_round)
+
         result[clock] = {
             "steps": stats,
-            "penalty_over_plain": stats["penalty"]["median_s"] / stats["plain"]["median_s"],
-            "tracked_over_plain_mean": stats["tracked"]["mean_s"] / stats["plain"]["mean_s"],
-            "tracker_share_of_wall_time": 1.0 - stats["penalty"]["mean_s"] / stats["tracked"]["mean_s"],
+            "penalty_over_plain": paired("penalty", "plain", statistics.median),
+            "tracked_over_plain_mean": paired("tracked", "plain", statistics.fmean),
+            "tracked_over_penalty_mean": paired("tracked", "penalty", statistics.fmean),
+            "pooled_penalty_over_plain": stats["penalty"]["median_s"] / stats["plain"]["median_s"],
         }
+        result[clock]["tracker_share_of_wall_time"] = 1.0 - 1.0 / result[clock]["tracked_over_penalty_mean"]
     result["target_penalty_over_plain"] = 1.10
     return result
 

@@ -41,11 +41,11 @@ def table(results: dict) -> str:
     if step:
         for clock in ("cpu", "wall"):
             s = step[clock]
-            rows.append(_row(f"(1) penalty step / plain step, tracker off ({clock} medians)",
+            rows.append(_row(f"(1) penalty step / plain step, tracker off ({clock}; medians, paired by round)",
                              f"{s['penalty_over_plain']:.3f} ({s['steps']['penalty']['median_s'] * 1e3:.1f} / "
                              f"{s['steps']['plain']['median_s'] * 1e3:.1f} ms)", "<= 1.10",
                              s["penalty_over_plain"] <= 1.10))
-            rows.append(_row(f"(1) penalty + default tracker / plain ({clock} means)",
+            rows.append(_row(f"(1) penalty + default tracker / plain ({clock}; means, paired by round)",
                              f"{s['tracked_over_plain_mean']:.3f} (tracker {100 * s['tracker_share_of_wall_time']:.1f}%"
                              " of step time)", "", None, f"{step['steps_per_round']}-step rounds"))
     pen = results.get("penalty")
