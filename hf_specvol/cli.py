@@ -49,8 +49,10 @@ class RecipeParser(HfArgumentParser):
         try:
             with open(path) as f:
                 values = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise SystemExit(f"error: --config {path}: no such file.") from None
+        except OSError as err:
+            raise SystemExit(f"error: --config {path}: cannot read it ({err.strerror}).") from None
+        except yaml.YAMLError as err:
+            raise SystemExit(f"error: --config {path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise SystemExit(f"error: --config {path} must hold a mapping of field: value, "
                              f"got {type(values).__name__}.")

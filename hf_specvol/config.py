@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +14,10 @@ from transformers import TrainingArguments
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("fixed", "ntk_feedback")
+# NaN passes every `<` check, so these are checked for finiteness first
+_FINITE_FIELDS = ("learning_rate", "spectral_volume_coef", "spectral_expansion_epochs", "spectral_decay_epochs",
+                  "spectral_lambda_cap", "spectral_eps", "ntk_distance_threshold", "ntk_alignment_threshold",
+                  "ntk_lambda_growth", "ntk_max_block_mb")
 
 
 @dataclass(repr=False)  # keep TrainingArguments' repr, which masks hub_token
@@ -137,6 +143,15 @@ class SpectralVolumeConfig(TrainingArguments):
             self.use_cpu = True
         super().__post_init__()
         errors = []
+        for name in _FINITE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                errors.append(f"{name}={value} is not a finite number; pass a finite value.")
+        for name in ("spectral_include", "spectral_exclude"):
+            try:
+                re.compile(getattr(self, name) or "")
+            except re.error as err:
+                errors.append(f"{name}={getattr(self, name)!r} is not a valid regular expression ({err}).")
         if self.spectral_volume_coef < 0:
             errors.append(f"spectral_volume_coef={self.spectral_volume_coef} is negative; use a value >= 0 "
                           "(the penalty expands volume only with a positive sign; 0 disables it).")
@@ -161,7 +176,8 @@ class SpectralVolumeConfig(TrainingArguments):
             errors.append(f"spectral_eps={self.spectral_eps} must be > 0 (it keeps logdet finite).")
         if any(int(e) < 1 for e in self.rank_snapshot_epochs):
             errors.append(f"rank_snapshot_epochs={self.rank_snapshot_epochs} must hold epochs >= 1.")
-        if self.max_steps <= 0 and self.spectral_expansion_epochs > self.num_train_epochs:
+        if (self.spectral_volume_coef > 0 and self.max_steps <= 0
+                and self.spectral_expansion_epochs > self.num_train_epochs):
             errors.append(f"spectral_expansion_epochs={self.spectral_expansion_epochs} is longer than training "
                           f"(num_train_epochs={self.num_train_epochs}); shorten the window or train longer.")
         if self.spectral_schedule == "ntk_feedback" and not self.track_ranks:

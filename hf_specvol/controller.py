@@ -103,7 +103,13 @@ class NTKFeedbackController(_Serialisable):
         return _linear_decay(self.current, step, anneal_from, self.decay_steps)
 
     def observe(self, step: int, distance: float, alignment: float) -> None:
-        """Feed one NTK measurement (kernel distance from init, kernel-target alignment)."""
+        """Feed one NTK measurement (kernel distance from init, kernel-target alignment).
+
+        A non-finite measurement (e.g. diverged weights) changes nothing: it is recorded, not acted on."""
+        if not (math.isfinite(distance) and math.isfinite(alignment)):
+            self.history.append({"step": step, "distance": distance, "alignment": alignment,
+                                 "lambda": self.value(step), "skipped": True})
+            return
         if self.initial_alignment is None:
             self.initial_alignment = alignment
         if self.transition_step is None and step < self.expansion_steps:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -176,3 +177,28 @@ def apply_parametrization(model, model_args: ModelArguments):
     if base_width is None:
         return model
     return apply_mup(model, base_width, init=not loaded, zero_init_query=model_args.mup_zero_init_query)
+
+
+def check_causal(model, input_ids: list[int]) -> None:
+    """Refuse a model that cannot be trained on this sequence as a causal LM.
+
+    The logits before the last position must not depend on the last token: a bidirectional encoder
+    (e.g. BERT loaded as `BertLMHeadModel` without `is_decoder=True`) would read the answer it predicts.
+    A sequence longer than the model's position table is refused too.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and len(input_ids) > limit:
+        raise ValueError(f"The task's sequences have {len(input_ids)} tokens but the model has only {limit} "
+                         "positions; use fewer bits or a model with more positions.")
+    ids = torch.tensor([input_ids], device=model.device)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % model.get_input_embeddings().num_embeddings
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before, after = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]
+    model.train(was_training)
+    if not torch.allclose(before, after, atol=1e-5):
+        raise ValueError(f"{type(model).__name__} is not causal: its logits at earlier positions change with the "
+                         "last token, so it would see the answer. Use a decoder-only causal LM (for encoder types "
+                         "such as BERT set is_decoder=True in the config).")

@@ -22,7 +22,15 @@ from data_builders.boolean import validate_task_args
 from .callbacks import _write_json
 from .config import SpectralVolumeConfig
 from .metrics import AnswerTokenMetrics
-from .models import MLP_TYPE, ModelArguments, apply_parametrization, build_boolean_mlp, build_causal_lm, load_tokenizer
+from .models import (
+    MLP_TYPE,
+    ModelArguments,
+    apply_parametrization,
+    build_boolean_mlp,
+    build_causal_lm,
+    check_causal,
+    load_tokenizer,
+)
 from .trainer import SpectralVolumeTrainer
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,10 @@ class BooleanTaskArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} is unknown; use one of {TASKS}.")
+        for name in ("validation_size", "test_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1: the recipe evaluates on it "
+                                 "(validation: NTK probe and eval curve; test: final accuracy).")
         if self.dataset_path is None:  # fail at parse time, not after the model is built
             sizes = {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
             k = self.n_bits if self.k is None else self.k
@@ -100,6 +112,7 @@ def _model_and_data(task_args: BooleanTaskArguments, model_args: ModelArguments,
         seq_len = len(data["train"][0]["input_ids"])
         set_seed(seed)  # the initial weights depend on --seed only (not on earlier RNG use)
         model = build_causal_lm(model_args, tokenizer, seq_len)
+        check_causal(model, data["train"][0]["input_ids"])
     return raw, data, apply_parametrization(model, model_args), tokenizer, answer_ids
 
 

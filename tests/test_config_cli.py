@@ -86,3 +86,25 @@ def test_invalid_value_is_one_error_line(capsys):
 def test_impossible_task_fails_at_parse_time():
     with pytest.raises(ValueError, match="train_size"):
         BooleanTaskArguments(n_bits=4, k=3, train_size=20)  # only 16 strings of 4 bits
+
+
+@pytest.mark.parametrize("field, value", [("spectral_volume_coef", float("inf")), ("learning_rate", float("nan")),
+                                          ("spectral_eps", float("nan")), ("spectral_decay_epochs", float("inf")),
+                                          ("spectral_include", "(["), ("spectral_exclude", "*x")])
+def test_non_finite_values_and_bad_regexes_are_refused(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        SpectralVolumeConfig(output_dir=str(tmp_path / "out"), num_train_epochs=3, **{field: value})
+
+
+def test_window_check_ignored_when_penalty_is_off(tmp_path):
+    args = SpectralVolumeConfig(output_dir=str(tmp_path), num_train_epochs=1, spectral_volume_coef=0.0)
+    assert args.spectral_expansion_epochs > args.num_train_epochs
+
+
+def test_malformed_yaml_is_one_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("n_bits: [1, 2\n")
+    with pytest.raises(SystemExit, match="not valid YAML"):
+        _parser().parse_args_and_config(["--config", str(config)])
+    with pytest.raises(SystemExit, match="cannot read"):
+        _parser().parse_args_and_config(["--config", str(tmp_path)])

@@ -83,3 +83,10 @@ def test_lazy_to_rich_step_on_a_recorded_trajectory():
     assert lazy_to_rich_step(history, 0.05, 0.10) == 30  # then the distance 0.09 at step 30
     assert lazy_to_rich_step(history, 0.50, 0.50) is None
     assert lazy_to_rich_step([], 0.05, 0.05) is None
+
+
+def test_feedback_ignores_non_finite_measurements():
+    c = NTKFeedbackController(lambda_init=0.1, lambda_cap=1.0, expansion_steps=100, window=1, growth=2.0)
+    c.observe(0, float("nan"), 0.1)
+    c.observe(10, 0.0, float("inf"))
+    assert c.value(20) == pytest.approx(0.1) and c.lazy_streak == 0 and c.transition_step is None

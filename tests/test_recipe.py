@@ -70,3 +70,10 @@ def test_bad_input_fails_clearly_before_writing(tmp_path, flags, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr.splitlines()[-1] or needle in proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_bidirectional_model_is_refused(tmp_path):
+    """BERT loads as a 'causal LM' (BertLMHeadModel) but attends both ways: it would read the answer."""
+    proc = _run("train_majority.py", *TINY, "--output_dir", str(tmp_path / "run"), "--model_type", "bert")
+    assert proc.returncode != 0
+    assert "is not causal" in proc.stderr
