@@ -90,6 +90,12 @@ def machine() -> dict:
                     break
     except OSError:
         pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            memory_gib = round(int(f.readline().split()[1]) / 2**20, 1)  # MemTotal, KiB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         load = os.getloadavg()
     except OSError:
@@ -97,6 +103,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "nproc": os.cpu_count(),
+        "memory_gib": memory_gib,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
