@@ -11,10 +11,10 @@ The backward is analytic instead of autograd through every intermediate. With G 
 g_j = (G R)_jj (the diagonal terms come from u depending on S_jj):
 
     dvalue/dS = U (G - diag(g)) U / r,
-    dvalue/dA = (2 / r) * center_columns((Z G - Z diag(g)) U),   g = colsum(Z G * Z),
+    dvalue/dA = (2 / r) * center_columns((Z G - Z diag(g)) U),   g_j = 1 - ridge * G_jj = colsum(Z G * Z)_j,
 
-with G = M^-1 from the Cholesky factor and one product Z (G - diag(g)) U (or, for square matrices with
-r > 128, two triangular solves for Z G). A forward plus backward thus costs two m x r x r products (the
+computed as one product Z (G - diag(g)) U with G from the Cholesky factor, or, for square matrices with
+r > 128, as two triangular solves for Z G. A forward plus backward thus costs two m x r x r products (the
 Gram matrix and the gradient) plus O(r^3) for the factor and the inverse; autograd through the same
 formula costs three products plus the Cholesky backward and keeps many m x r intermediates alive. Only Z,
 the factor and three small vectors are saved.
