@@ -10,6 +10,10 @@ and a fresh trainer, rotating the order of the variants from round to round:
   the pure cost of the penalty;
 * `tracked`: the same with the default tracker on (ranks and NTK every 75 steps, ranks at epoch ends).
 
+Step times of fresh models and trainers vary by +-15% from round to round on a shared machine, more than
+the penalty costs, so the headline ratio comes from `alternating` runs instead: one `SpectralVolumeTrainer`
+run with lambda > 0 on every other step (tracker off), comparing its on-steps with its off-steps.
+
 A step's time runs from one `on_step_begin` to the next (the last step: to its `on_step_end`), so it
 includes data loading, the optimizer, callbacks and logging. The first `skip` steps of a round are warm-up.
 `penalty` / `plain` compares step-time medians, round by round (the median over rounds of the ratio within
@@ -103,12 +107,38 @@ def train_round(variant: str, steps: int):
                                         eval_dataset=data["validation"], data_collator=default_data_collator,
                                         processing_class=tokenizer, answer_ids=answer_ids)
     trainer.add_callback(clock)  # last, so a step's time includes the tracker's on_step_end
+    if variant == "alternating":  # lambda on the steps with an even index only; same cost as Trainer otherwise
+        lam = training_args.spectral_volume_coef
+        trainer.tracker.lambda_at = lambda step: lam if step % 2 == 0 else 0.0
     trainer.train()
-    if variant != "plain":
+    if variant in ("penalty", "tracked"):
         lambdas = [lam for _, lam in trainer.tracker.lambda_history]
         if not all(lam > 0 for lam in lambdas):
             raise RuntimeError(f"the penalty was off on some steps of the benchmark: {lambdas}")
     return clock.durations()
+
+
+def alternating(rounds: int, steps: int, skip: int) -> dict:
+    """Penalty on every other step of one run: on- and off-steps share the model, the trainer and the moment.
+
+    The ratio median(on) / median(off) within a run, then the median over runs. Off-steps cost what a plain
+    `Trainer` step costs (the trainer's own additions are a few microseconds when lambda is 0).
+    """
+    ratios = {"wall": [], "cpu": []}
+    on_off = {"wall": ([], []), "cpu": ([], [])}
+    for _ in range(rounds):
+        durations = train_round("alternating", steps)[skip:]
+        for clock, index in (("wall", 0), ("cpu", 1)):
+            on = [d[index] for i, d in enumerate(durations, start=skip) if i % 2 == 0]
+            off = [d[index] for i, d in enumerate(durations, start=skip) if i % 2 == 1]
+            ratios[clock].append(statistics.median(on) / statistics.median(off))
+            on_off[clock][0].extend(on)
+            on_off[clock][1].extend(off)
+    return {clock: {"penalty_over_plain": statistics.median(ratios[clock]),
+                    "per_run": [round(r, 4) for r in ratios[clock]],
+                    "on_median_s": statistics.median(on_off[clock][0]),
+                    "off_median_s": statistics.median(on_off[clock][1])}
+            for clock in ratios}
 
 
 def run(quick: bool = False) -> dict:
@@ -159,6 +189,7 @@ def run(quick: bool = False) -> dict:
             extra = sum(max(durations[i] - typical, 0.0) for i in measured if i < len(durations))
             shares.append(extra / (extra + typical * len(durations)))
         result[clock]["tracker_share_at_measurement_steps"] = statistics.median(shares)
+    result["alternating"] = alternating(rounds=2 if quick else 6, steps=150, skip=skip)
     result["target_penalty_over_plain"] = 1.10
     return result
 

@@ -40,6 +40,12 @@ def table(results: dict) -> str:
     step = results.get("trainer_step")
     if step:
         for clock in ("cpu", "wall"):
+            a = step["alternating"][clock]
+            rows.append(_row(f"(1) penalty step / plain step, penalty on every other step of a run ({clock})",
+                             f"{a['penalty_over_plain']:.3f} ({a['on_median_s'] * 1e3:.1f} / "
+                             f"{a['off_median_s'] * 1e3:.1f} ms)", "<= 1.10", a["penalty_over_plain"] <= 1.10,
+                             "median over runs: " + ", ".join(f"{r:.3f}" for r in a["per_run"])))
+        for clock in ("cpu", "wall"):
             s = step[clock]
             rows.append(_row(f"(1) penalty step / plain step, tracker off ({clock}; medians, paired by round)",
                              f"{s['penalty_over_plain']:.3f} ({s['steps']['penalty']['median_s'] * 1e3:.1f} / "
