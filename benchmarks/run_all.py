@@ -2,8 +2,8 @@
 
 Usage:
 
-    .venv/bin/python benchmarks/run_all.py                 # all five, ~10 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/run_all.py --quick         # fewer repetitions, smaller GPT-2-small NTK, ~3 minutes
+    .venv/bin/python benchmarks/run_all.py                 # all five, ~4-5 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/run_all.py --quick         # fewer repetitions, smaller GPT-2-small NTK, ~2 minutes
     .venv/bin/python benchmarks/run_all.py --only penalty ntk --threads 1 --out /tmp/bench.json
 
 Not part of the test suite (pytest never collects this directory). See docs/benchmarks.md for the numbers
